@@ -1,0 +1,204 @@
+"""The ``tvmq`` command line: a thin adapter over the Python API.
+
+Exit status: 0 on success, 2 on a usage error, 1 on any other error (one line on
+stderr; ``--verbose`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import ConfigError, InputError, TvmqError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TvmqError as err:
+        print(f"tvmq: error: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
+    except KeyboardInterrupt:
+        print("tvmq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line for the user, traceback on request
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"tvmq: internal error: {type(err).__name__}: {first[:300]} "
+            "(rerun with --verbose for the traceback)",
+            file=sys.stderr,
+        )
+        if args.verbose:
+            traceback.print_exc()
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvmq", description="Quantize, compile, tune and profile models with Apache TVM."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", parents=[common], help="compile a model into an artifact")
+    c.add_argument("model", help="the .onnx file")
+    c.add_argument("--target", default="x86", help="a preset (tvmq targets) or a JSON dict")
+    c.add_argument("--input-shapes", type=_input_shapes, default=None,
+                   help='static input shapes: "name:1x3x224x224,other:1x10"')
+    c.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "mixed"])
+    c.add_argument("--calibration-data", help="an .npz of calibration inputs")
+    c.add_argument("--tuning-records", help="a tvmq tune --records directory")
+    c.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
+                   help="leave a pass out of the pipeline (repeatable)")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the module after each pass")
+    c.add_argument("-o", "--output", required=True, help="the artifact to write (.tar)")
+    c.set_defaults(func=_compile)
+
+    r = sub.add_parser("run", parents=[common], help="run an artifact")
+    r.add_argument("artifact")
+    source = r.add_mutually_exclusive_group()
+    source.add_argument("--inputs", help="an .npz with one array per input")
+    source.add_argument("--fill-mode", choices=["zeros", "ones", "random"], default="random")
+    r.add_argument("--outputs", help="write the outputs to this .npz")
+    r.add_argument("--print-time", action="store_true", help="print latency statistics")
+    r.add_argument("--repeat", type=_positive, default=10)
+    r.add_argument("--number", type=_positive, default=5)
+    r.add_argument("--benchmark-json", help="write latency statistics to this JSON file")
+    r.set_defaults(func=_run)
+
+    t = sub.add_parser("targets", parents=[common], help="list the target presets")
+    t.set_defaults(func=_targets)
+
+    p = sub.add_parser("passes", parents=[common], help="list the pipeline for a target")
+    p.add_argument("--target", default="x86")
+    p.set_defaults(func=_passes)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _input_shapes(text: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in text.split(","):
+        name, sep, dims = item.strip().rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape:
+            raise argparse.ArgumentTypeError(
+                f"--input-shapes item {item!r} is not NAME:DxDxD (e.g. input:1x3x224x224)"
+            )
+        shapes[name] = shape
+    return shapes
+
+
+def _compile(args) -> int:
+    from .build import compile
+
+    if args.calibration_data and args.quantize == "none":
+        raise ConfigError("--calibration-data is only used with --quantize int8, int4 or mixed")
+    start = time.perf_counter()
+    artifact = compile(
+        args.model,
+        target=_target_arg(args.target),
+        quantize=args.quantize,
+        tuning_records=args.tuning_records,
+        input_shapes=args.input_shapes,
+        disabled_passes=args.disabled_pass,
+        dump_ir=args.dump_ir,
+    )
+    artifact.export(args.output)
+    size = os.path.getsize(args.output) / 1e6
+    preset = artifact.manifest["target"]["preset"]
+    print(
+        f"compiled {args.model} for {preset} in {time.perf_counter() - start:.1f} s -> "
+        f"{args.output} ({size:.2f} MB)"
+    )
+    return 0
+
+
+def _target_arg(text: str):
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
+def _run(args) -> int:
+    from .frontend import random_inputs
+    from .runtime import load
+
+    model = load(args.artifact)
+    if args.inputs:
+        inputs = _read_npz(args.inputs)
+    elif args.fill_mode == "random":
+        inputs = random_inputs(model.inputs)
+    else:
+        fill = np.zeros if args.fill_mode == "zeros" else np.ones
+        inputs = {i.name: fill(i.shape, dtype=i.dtype) for i in model.inputs}
+    outputs = model.run(**inputs)
+    if args.outputs:
+        np.savez(args.outputs, **outputs)
+    for name, value in outputs.items():
+        preview = np.array2string(value.ravel()[:6], precision=4, separator=", ")
+        print(f"output '{name}' {value.dtype} {value.shape}: {preview}")
+    if args.print_time or args.benchmark_json:
+        result = model.benchmark(repeat=args.repeat, number=args.number, inputs=inputs)
+        if args.print_time:
+            print(
+                f"latency (ms): median {result.median_ms:.3f}  mean {result.mean_ms:.3f}  "
+                f"min {result.min_ms:.3f}  max {result.max_ms:.3f}  std {result.std_ms:.3f}  "
+                f"({result.repeat} x {result.number} runs)"
+            )
+        if args.benchmark_json:
+            with open(args.benchmark_json, "w") as handle:
+                json.dump(result.to_json(), handle, indent=2)
+    return 0
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise InputError(f"inputs file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError) as err:
+        raise InputError(f"inputs file '{path}' is not a readable .npz ({err})") from None
+
+
+def _targets(args) -> int:
+    from .targets import PRESETS
+
+    for preset in PRESETS.values():
+        print(preset.describe())
+    return 0
+
+
+def _passes(args) -> int:
+    from .pipeline import pass_name, pipeline
+
+    for index, p in enumerate(pipeline(_target_arg(args.target)), start=1):
+        print(f"{index:2d} {pass_name(p)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""ONNX frontend: a model file in, a Relax IRModule with static shapes and weights out.
+
+The flow is: read and check the file, fix the input shapes (a symbolic dimension needs a
+value from the user), fold the shape computations that the Relax importer cannot take,
+check that every operator has a converter, then import with the weights as constants.
+The ONNX names of the inputs and outputs travel on ``main`` as function attributes, so
+the build can write them into the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import tvm
+from onnx import helper
+
+from .errors import InputError, ModelError, UnsupportedOpError
+from .onnx_fold import fold_static_shapes
+
+INPUT_NAMES_ATTR = "tvmq.input_names"
+OUTPUT_NAMES_ATTR = "tvmq.output_names"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, static shape and dtype of a model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TensorInfo:
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+
+
+def load(
+    path: str | os.PathLike,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> tvm.IRModule:
+    """Import an ONNX model into a Relax IRModule with static shapes.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.onnx`` file.
+    input_shapes : mapping of input name to shape, optional
+        Shapes for inputs whose ONNX shape has symbolic or unknown dimensions; a given
+        shape also overrides a static one.
+
+    Returns
+    -------
+    mod : tvm.IRModule
+        The model, its weights bound as constants in ``main``.
+    """
+    model = read_onnx(path)
+    return import_onnx(model, input_shapes, source=str(path))
+
+
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file, with one-line errors for a missing or malformed file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelError(f"model file '{path}' does not exist; check the path")
+    if os.path.isdir(path):
+        raise ModelError(f"model path '{path}' is a directory; pass the .onnx file inside it")
+    try:
+        model = onnx.load(path)
+    except Exception as err:  # noqa: BLE001 - protobuf raises several unrelated types
+        raise ModelError(
+            f"'{path}' is not an ONNX model ({type(err).__name__}); pass a .onnx file"
+        ) from None
+    if not model.graph.node:
+        raise ModelError(f"'{path}' is not an ONNX model (it has no graph); pass a .onnx file")
+    return model
+
+
+def import_onnx(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    source: str = "model",
+) -> tvm.IRModule:
+    """Import an in-memory ONNX model; see :func:`load`."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = _with_static_inputs(model, dict(input_shapes or {}), source)
+    model = fold_static_shapes(model)
+    _check_supported(model, source)
+    inputs = graph_inputs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mod = from_onnx(
+                model,
+                shape_dict={i.name: list(i.shape) for i in inputs},
+                dtype_dict={i.name: i.dtype for i in inputs},
+            )
+        except Exception as err:  # noqa: BLE001 - the importer raises many types
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+            raise ModelError(
+                f"the Relax ONNX importer failed on '{source}': {type(err).__name__}: "
+                f"{message[:300]}"
+            ) from None
+    main = mod["main"].with_attr(INPUT_NAMES_ATTR, [i.name for i in inputs])
+    main = main.with_attr(OUTPUT_NAMES_ATTR, [o.name for o in model.graph.output])
+    mod["main"] = main
+    return mod
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
+    """The model's real inputs (graph inputs that are not initializers)."""
+    initializers = {init.name for init in model.graph.initializer}
+    result = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+        result.append(TensorInfo(value.name, dims, dtype))
+    return result
+
+
+def _with_static_inputs(model, input_shapes: dict, source: str) -> onnx.ModelProto:
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    for name in input_shapes:
+        if name not in names:
+            raise InputError(
+                f"input_shapes names '{name}' but the inputs of '{source}' are: "
+                f"{', '.join(names)}"
+            )
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    by_name = {v.name: v for v in model.graph.input}
+    for info in inputs:
+        shape = input_shapes.get(info.name)
+        if shape is None:
+            _require_static(model, by_name[info.name], source)
+            continue
+        shape = tuple(int(d) for d in shape)
+        if any(d <= 0 for d in shape):
+            raise InputError(f"input '{info.name}' shape {shape} must have positive dimensions")
+        if len(info.shape) and len(shape) != len(info.shape):
+            raise InputError(
+                f"input '{info.name}' has rank {len(info.shape)} but input_shapes gives "
+                f"{shape}; give {len(info.shape)} dimensions"
+            )
+        dims = by_name[info.name].type.tensor_type.shape.dim
+        del dims[:]
+        for d in shape:
+            dims.add().dim_value = d
+    return model
+
+
+def _require_static(model, value, source: str) -> None:
+    tensor_type = value.type.tensor_type
+    hint = f"pass input_shapes (CLI: --input-shapes {value.name}:1x3x224x224)"
+    if not tensor_type.HasField("shape"):
+        raise InputError(f"input '{value.name}' of '{source}' has unknown rank; {hint}")
+    for axis, dim in enumerate(tensor_type.shape.dim):
+        if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            label = f" ('{dim.dim_param}')" if dim.dim_param else ""
+            raise InputError(
+                f"input '{value.name}' of '{source}' has a symbolic dimension{label} at axis "
+                f"{axis}; {hint}"
+            )
+
+
+def _check_supported(model: onnx.ModelProto, source: str) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    first_node: dict[str, str] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in known and node.op_type not in first_node:
+            first_node[node.op_type] = node.name or f"#{index}"
+    if first_node:
+        listed = ", ".join(f"{op} (first at node '{name}')" for op, name in first_node.items())
+        raise UnsupportedOpError(
+            f"'{source}' uses operators the Relax ONNX importer does not support: {listed}; "
+            "replace them in the exported model or file an issue"
+        )
+
+
+def random_inputs(inputs: Sequence[TensorInfo], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random arrays for ``inputs``: uniform [0, 1) floats, small non-negative integers."""
+    rng = np.random.default_rng(seed)
+    result = {}
+    for info in inputs:
+        if np.dtype(info.dtype).kind == "f":
+            result[info.name] = rng.random(info.shape, dtype=np.float32).astype(info.dtype)
+        elif np.dtype(info.dtype).kind == "b":
+            result[info.name] = rng.integers(0, 2, info.shape).astype(info.dtype)
+        else:
+            result[info.name] = rng.integers(0, 4, info.shape).astype(info.dtype)
+    return result

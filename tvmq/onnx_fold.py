@@ -1,0 +1,122 @@
+"""Fold shape computations of an ONNX graph once its input shapes are static.
+
+Exported models often compute shapes at run time (``Shape -> Slice -> Concat -> Reshape``,
+``ConstantOfShape`` fed by a computed shape). The Relax importer rejects several of those
+forms, so the frontend folds them before import: once every input shape is known, each
+``Shape`` of a statically shaped tensor is a constant, and every node whose inputs are all
+constants is evaluated with ONNX's reference evaluator and replaced by an initializer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
+
+# Nodes never folded: random ops must stay random, control flow keeps its subgraphs.
+_NEVER_FOLD = {
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "If", "Loop", "Scan", "DequantizeLinear", "QuantizeLinear",
+}
+# A folded tensor bigger than this stays a computation: folding would bloat the model file
+# (a Tile or Expand of a weight) for no gain in what the importer accepts.
+_MAX_FOLDED_ELEMENTS = 1 << 20
+
+
+def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``model`` with shape chains folded into initializers.
+
+    The graph inputs must already carry static shapes. Nodes that do not depend on a
+    graph input's values are evaluated; the rest of the graph is left as it was.
+    """
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    graph = model.graph
+    static_shapes = _static_shapes(graph)
+    constants: dict[str, np.ndarray] = {
+        init.name: numpy_helper.to_array(init) for init in graph.initializer
+    }
+    opsets = list(model.opset_import)
+    kept: list[onnx.NodeProto] = []
+    folded: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        values = _fold_node(node, constants, static_shapes, opsets)
+        if values is None:
+            kept.append(node)
+            continue
+        for name, value in zip([o for o in node.output if o], values, strict=True):
+            constants[name] = value
+            folded[name] = value
+    if not folded:
+        return model
+
+    still_used = {name for node in kept for name in node.input}
+    still_used |= {out.name for out in graph.output}
+    new_inits = [init for init in graph.initializer if init.name in still_used]
+    new_inits += [
+        numpy_helper.from_array(np.asarray(value), name)
+        for name, value in folded.items()
+        if name in still_used
+    ]
+    dropped = {init.name for init in graph.initializer} - {init.name for init in new_inits}
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    # Old exporters list initializers among the graph inputs too; drop the folded ones.
+    inputs = [value for value in graph.input if value.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return model
+
+
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = info.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        dims = tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _fold_node(node, constants, static_shapes, opsets) -> list[np.ndarray] | None:
+    if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD:
+        return None
+    if node.op_type == "Shape":
+        shape = static_shapes.get(node.input[0])
+        if shape is None:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", None)
+        return [np.array(shape[start:end], dtype=np.int64)]
+    if node.op_type == "Size":
+        shape = static_shapes.get(node.input[0])
+        return None if shape is None else [np.array(int(np.prod(shape)), dtype=np.int64)]
+    inputs = [name for name in node.input if name]
+    if (not inputs and node.op_type != "Constant") or any(n not in constants for n in inputs):
+        return None
+    try:
+        values = _evaluate(node, constants, opsets)
+    except Exception:  # noqa: BLE001 - a node the reference cannot evaluate stays as it is
+        return None
+    if any(np.asarray(v).size > _MAX_FOLDED_ELEMENTS for v in values):
+        return None
+    return [np.asarray(v) for v in values]
+
+
+def _evaluate(node, constants, opsets) -> list[np.ndarray]:
+    inputs = [
+        helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(constants[name].dtype), constants[name].shape
+        )
+        for name in node.input
+        if name
+    ]
+    outputs = [helper.make_empty_tensor_value_info(name) for name in node.output if name]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
+    single = helper.make_model(graph, opset_imports=opsets)
+    session = ReferenceEvaluator(single)
+    return session.run(None, {name: constants[name] for name in node.input if name})

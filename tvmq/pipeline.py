@@ -1,0 +1,87 @@
+"""The build pipeline as data: an ordered list of ``tvm.transform.Pass``.
+
+``pipeline(target, config)`` returns the passes the build runs, tvmq's and TVM's, so a
+user can print the list, drop a pass by name, insert their own, or run it with
+``tvm.transform.Sequential`` (inside ``with target:``, as TVM's own backend pipelines
+run). Each target kind contributes its lowering stages through ``_BACKENDS``; later
+stages (quantization, algorithm choice, default schedules) add their passes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
+from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+
+from . import targets
+from .config import CompileConfig
+from .errors import PipelineError
+
+# The TVM backend module whose stage functions lower a module for each target kind.
+_BACKENDS: dict[str, ModuleType] = {
+    "llvm": cpu_generic_pipeline,
+    "cuda": cuda_pipeline,
+}
+
+
+def pipeline(
+    target: str | Mapping[str, Any] | targets.TargetPreset,
+    config: CompileConfig | None = None,
+) -> list[tvm.transform.Pass]:
+    """The ordered passes that turn an imported module into one ready for ``tvm.compile``.
+
+    Parameters
+    ----------
+    target : str, dict or TargetPreset
+        A preset name (``tvmq targets`` lists them) or a TVM target dict.
+    config : CompileConfig, optional
+        Quantization, disabled passes and tuning records.
+    """
+    config = config or CompileConfig()
+    preset = targets.resolve(target)
+    tvm_target = preset.tvm_target()
+    backend = _BACKENDS[tvm_target.kind.name]
+    passes = [
+        # Scale and shift of inference batch norms fold into the conv weights before them.
+        relax.transform.FoldBatchnormToConv2D(),
+        # What stays (batch norm after a non-conv, layer norm...) becomes plain arithmetic.
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        # Weight-only subgraphs (transposes, reshapes, folded batch norms) become constants.
+        relax.transform.FoldConstant(),
+        # Library dispatch, LegalizeOps, FuseOps and FuseTIR (plus dlight rules on GPUs).
+        *backend.library_dispatch_passes(tvm_target),
+        *backend.legalize_passes(tvm_target),
+        *_tuning_passes(config),
+        *backend.dataflow_lower_passes(tvm_target),
+        *backend.finalize_passes(tvm_target),
+    ]
+    return _without(passes, config.disabled_passes)
+
+
+def pass_name(p: tvm.transform.Pass) -> str:
+    """The name a pass is listed and disabled by."""
+    return str(p.info.name)
+
+
+def _tuning_passes(config: CompileConfig) -> list[tvm.transform.Pass]:
+    if config.tuning_records is None:
+        return []
+    # Kernels with a tuned record in the database take its schedule.
+    return [relax.transform.MetaScheduleApplyDatabase(config.tuning_records)]
+
+
+def _without(passes: list[tvm.transform.Pass], disabled: tuple[str, ...]) -> list:
+    names = [pass_name(p) for p in passes]
+    unknown = [name for name in disabled if name not in names]
+    if unknown:
+        raise PipelineError(
+            f"--disabled-pass {unknown[0]!r} is not in this pipeline; its passes are: "
+            f"{', '.join(dict.fromkeys(names))}"
+        )
+    return [p for p in passes if pass_name(p) not in disabled]
