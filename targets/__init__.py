@@ -63,7 +63,7 @@ def _from_dict(target: dict[str, Any]) -> TargetPreset:
         )
     try:
         tvm.target.Target(target)
-    except Exception as err:  # noqa: BLE001 - TVM raises its own error types here
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TargetError(f"TVM rejects target dict {target}: {first}") from None
     return TargetPreset("custom", target, "a raw TVM target dict")

@@ -2,4 +2,9 @@
 
 from .preset import TargetPreset, cuda_target
 
-PRESET = TargetPreset("cuda-sm86", cuda_target("sm_86"), "NVIDIA sm_86 (RTX 30xx / A10)", ("fp16 tensor cores", "int8 tensor cores", "int4 tensor cores"))
+PRESET = TargetPreset(
+    "cuda-sm86",
+    cuda_target("sm_86"),
+    "NVIDIA sm_86 (RTX 30xx / A10)",
+    ("fp16 tensor cores", "int8 tensor cores", "int4 tensor cores"),
+)

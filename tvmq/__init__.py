@@ -12,12 +12,12 @@ The Python API::
 
 __version__ = "0.1.0"
 
-from . import runtime  # noqa: E402
-from .build import compile  # noqa: E402
-from .config import CompileConfig, QuantizeMode  # noqa: E402
-from .errors import TvmqError  # noqa: E402
-from .frontend import load  # noqa: E402
-from .pipeline import pipeline  # noqa: E402
+from . import runtime
+from .build import compile
+from .config import CompileConfig, QuantizeMode
+from .errors import TvmqError
+from .frontend import load
+from .pipeline import pipeline
 
 __all__ = [
     "CompileConfig",

@@ -42,6 +42,17 @@ class Artifact:
     executable: relax.VMExecutable
     manifest: dict[str, Any] = field(default_factory=dict)
 
+    def device_sources(self) -> dict[str, str]:
+        """The generated device code (e.g. CUDA C) by module kind; empty for CPU targets."""
+        sources = {}
+        pending = list(self.executable.mod.imports)
+        while pending:
+            module = pending.pop()
+            pending.extend(module.imports)
+            if module.kind not in ("llvm", "c", "static_library"):
+                sources[module.kind] = module.inspect_source(module.kind)
+        return sources
+
     def export(self, path: str | os.PathLike) -> str:
         """Write the artifact to ``path`` (a ``.tar``) and return the path."""
         path = os.fspath(path)

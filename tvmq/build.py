@@ -22,7 +22,7 @@ from .frontend import INPUT_NAMES_ATTR, OUTPUT_NAMES_ATTR, TensorInfo, load
 from .pipeline import pass_name, pipeline
 
 
-def compile(  # noqa: A001 - mirrors tvm.compile
+def compile(
     model: str | os.PathLike | tvm.IRModule,
     *,
     target: str | Mapping[str, Any] | targets.TargetPreset = "x86",
@@ -93,7 +93,7 @@ def run_passes(mod: tvm.IRModule, passes, dump_ir=None) -> tvm.IRModule:
     for index, p in enumerate(passes, start=1):
         try:
             mod = p(mod)
-        except Exception as err:  # noqa: BLE001 - report which pass failed, in one line
+        except Exception as err:
             first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             raise PipelineError(
                 f"pass {pass_name(p)} failed: {type(err).__name__}: {first[:300]}; "

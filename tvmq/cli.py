@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tvmq: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - one line for the user, traceback on request
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(
             f"tvmq: internal error: {type(err).__name__}: {first[:300]} "

@@ -74,7 +74,7 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"model path '{path}' is a directory; pass the .onnx file inside it")
     try:
         model = onnx.load(path)
-    except Exception as err:  # noqa: BLE001 - protobuf raises several unrelated types
+    except Exception as err:
         raise ModelError(
             f"'{path}' is not an ONNX model ({type(err).__name__}); pass a .onnx file"
         ) from None
@@ -104,7 +104,7 @@ def import_onnx(
                 shape_dict={i.name: list(i.shape) for i in inputs},
                 dtype_dict={i.name: i.dtype for i in inputs},
             )
-        except Exception as err:  # noqa: BLE001 - the importer raises many types
+        except Exception as err:
             message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             raise ModelError(
                 f"the Relax ONNX importer failed on '{source}': {type(err).__name__}: "

@@ -100,7 +100,7 @@ def _fold_node(node, constants, static_shapes, opsets) -> list[np.ndarray] | Non
         return None
     try:
         values = _evaluate(node, constants, opsets)
-    except Exception:  # noqa: BLE001 - a node the reference cannot evaluate stays as it is
+    except Exception:
         return None
     if any(np.asarray(v).size > _MAX_FOLDED_ELEMENTS for v in values):
         return None

@@ -1,0 +1,116 @@
+"""tvmq.load: import, static shapes, shape-chain folding and its one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from conftest import reference, relative_error, tiny_cnn
+from onnx import TensorProto, helper, numpy_helper
+
+import tvmq
+from tvmq.errors import InputError, ModelError, UnsupportedOpError
+
+
+def test_load_gives_static_relax_module(tiny_model_path):
+    mod = tvmq.load(tiny_model_path)
+    assert isinstance(mod, tvm.IRModule)
+    (param,) = mod["main"].params
+    assert [int(d) for d in param.ty.shape.values] == [1, 1, 8, 8]
+    assert list(mod["main"].attrs["tvmq.input_names"]) == ["x"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match=r"model file '.*nope.onnx' does not exist"):
+        tvmq.load(tmp_path / "nope.onnx")
+
+
+def test_not_an_onnx_model(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"\x00\xffthis is not protobuf" * 10)
+    with pytest.raises(ModelError, match=r"is not an ONNX model"):
+        tvmq.load(path)
+
+
+def test_unsupported_ops_listed_with_first_node(tmp_path):
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="ok"),
+        helper.make_node("FancyOp", ["a"], ["b"], name="fancy_1", domain=""),
+        helper.make_node("FancyOp", ["b"], ["c"], name="fancy_2", domain=""),
+        helper.make_node("OtherOp", ["c"], ["y"], name="other_1", domain=""),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = tmp_path / "unsupported.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(UnsupportedOpError) as info:
+        tvmq.load(path)
+    message = str(info.value)
+    assert "FancyOp (first at node 'fancy_1')" in message
+    assert "OtherOp (first at node 'other_1')" in message
+    assert "\n" not in message
+
+
+def test_unknown_input_name(tiny_model_path):
+    with pytest.raises(InputError, match=r"input_shapes names 'images' but the inputs .* are: x"):
+        tvmq.load(tiny_model_path, input_shapes={"images": (1, 1, 8, 8)})
+
+
+def test_symbolic_dim_needs_input_shapes(tmp_path):
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(tiny_cnn(batch="N"), path)
+    with pytest.raises(InputError, match=r"input 'x' .* symbolic dimension \('N'\) at axis 0"):
+        tvmq.load(path)
+    mod = tvmq.load(path, input_shapes={"x": (2, 1, 8, 8)})
+    assert [int(d) for d in mod["main"].params[0].ty.shape.values] == [2, 1, 8, 8]
+
+
+def test_input_shapes_rank_mismatch(tiny_model_path):
+    with pytest.raises(InputError, match=r"input 'x' has rank 4 but input_shapes gives"):
+        tvmq.load(tiny_model_path, input_shapes={"x": (1, 64)})
+
+
+def _shape_chain_model() -> onnx.ModelProto:
+    """Flatten written the way exporters write it: Shape -> Gather/Slice -> Concat -> Reshape,
+    plus ConstantOfShape fed by a scalar-derived shape."""
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"], name="slice"),
+        helper.make_node("Concat", ["batch", "minus_one"], ["new_shape"], name="concat", axis=0),
+        helper.make_node("Reshape", ["x", "new_shape"], ["flat"], name="reshape"),
+        helper.make_node("Shape", ["flat"], ["flat_shape"], name="flat_shape"),
+        helper.make_node("ConstantOfShape", ["flat_shape"], ["ones"], name="ones",
+                         value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("Add", ["flat", "ones"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_shape_chains_fold_and_compile(tmp_path):
+    model = _shape_chain_model()
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, path)
+    mod = tvmq.load(path, input_shapes={"x": (2, 3, 4)})
+    text = mod.script()
+    assert "shape_of" not in text
+    artifact = tvmq.compile(mod, target="x86")
+    artifact.export(tmp_path / "chain.tar")
+    x = np.random.default_rng(0).random((2, 3, 4), dtype=np.float32)
+    (y,) = tvmq.runtime.load(tmp_path / "chain.tar").run(x=x).values()
+    (expected,) = reference(model, {"x": x})
+    assert relative_error(y, expected) <= 1e-6
