@@ -21,6 +21,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from . import targets
 from .config import CompileConfig
 from .errors import PipelineError
+from .schedules import default_schedule_passes
 
 # The TVM backend module whose stage functions lower a module for each target kind.
 _BACKENDS: dict[str, ModuleType] = {
@@ -57,7 +58,9 @@ def pipeline(
         # Library dispatch, LegalizeOps, FuseOps and FuseTIR (plus dlight rules on GPUs).
         *backend.library_dispatch_passes(tvm_target),
         *backend.legalize_passes(tvm_target),
+        # Tuned schedules first; every kernel still unscheduled gets the target's default.
         *_tuning_passes(config),
+        *default_schedule_passes(tvm_target),
         *backend.dataflow_lower_passes(tvm_target),
         *backend.finalize_passes(tvm_target),
     ]

@@ -1,0 +1,75 @@
+"""Helpers shared by the CPU default schedule rules."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+from tvm.target.codegen import llvm_cpu_has_features
+
+_DATA_PAR, _COMM_REDUCE = 0, 2
+
+
+def vector_bits(target: Target) -> int:
+    """Width of the widest vector register the target's code may use."""
+    if "mtriple" in target.attrs and str(target.attrs["mtriple"]).startswith("aarch64"):
+        return 128
+    if llvm_cpu_has_features(["avx512f"], target):
+        return 512
+    if llvm_cpu_has_features(["avx2"], target) or llvm_cpu_has_features(["avx"], target):
+        return 256
+    return 128
+
+
+def num_vector_registers(target: Target) -> int:
+    if llvm_cpu_has_features(["avx512f"], target):
+        return 32
+    if "mtriple" in target.attrs and str(target.attrs["mtriple"]).startswith("aarch64"):
+        return 32
+    return 16
+
+
+def top_level_blocks(sch: s_tir.Schedule) -> list:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def iter_kinds(sch: s_tir.Schedule, block) -> str:
+    """'S' for each data-parallel block iterator, 'R' for each reduction one."""
+    kinds = []
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == _DATA_PAR:
+            kinds.append("S")
+        elif iv.iter_type == _COMM_REDUCE:
+            kinds.append("R")
+        else:
+            kinds.append("O")
+    return "".join(kinds)
+
+
+def loop_extent(sch: s_tir.Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def out_dtype_bits(sch: s_tir.Schedule, block) -> int:
+    writes = sch.get(block).writes
+    return writes[0].source.dtype.bits if writes else 32
+
+
+def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Parallelize the outer loops of a spatial loop nest and vectorize its innermost loop."""
+    loops = sch.get_loops(block)
+    if not loops or "R" in iter_kinds(sch, block):
+        return
+    extent = loop_extent(sch, loops[-1])
+    vector = None
+    if extent is not None and extent > lanes and extent % lanes == 0:
+        *outer, vector = sch.split(loops[-1], factors=[None, lanes])
+        outer = [*loops[:-1], *outer]
+    elif extent is not None and 2 <= extent <= 2 * lanes:
+        *outer, vector = loops
+    else:
+        outer = list(loops)
+    if vector is not None:
+        sch.vectorize(vector)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])

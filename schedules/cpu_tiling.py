@@ -1,0 +1,127 @@
+"""Default CPU schedule for multiply-accumulate kernels: conv2d, matmul, dense, batch matmul.
+
+Register tiling: the innermost output axis (contiguous in memory) is vectorized, a second
+output axis is blocked so that a tile of accumulators stays in vector registers across the
+whole reduction, the tiles run in parallel over all cores, and the elementwise epilogue
+fused after the kernel (bias, activation, residual add, requantize) runs on each tile
+while it is still in cache.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from .cpu_common import (
+    iter_kinds,
+    loop_extent,
+    num_vector_registers,
+    out_dtype_bits,
+    schedule_injective,
+    top_level_blocks,
+    vector_bits,
+)
+
+
+class MultiplyAccumulateTiling(CPUScheduleRule):
+    """conv2d / matmul / dense with optional injective prologue and epilogue blocks."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = top_level_blocks(sch)
+        kinds = [iter_kinds(sch, b) for b in blocks]
+        reductions = [i for i, k in enumerate(kinds) if "R" in k]
+        if len(reductions) != 1 or any("O" in k for k in kinds):
+            return None
+        index = reductions[0]
+        main = blocks[index]
+        if not _is_multiply_accumulate(sch, main) or not _spatial_then_reduce(kinds[index]):
+            return None
+        lanes = vector_bits(target) // max(out_dtype_bits(sch, main), 8)
+
+        # Epilogue: inline every elementwise block into the last one, which then runs per tile.
+        epilogue = blocks[index + 1 :]
+        for block in epilogue[:-1]:
+            sch.compute_inline(block)
+        tile_loop = _tile(sch, main, lanes, num_vector_registers(target))
+        if tile_loop is None:
+            return None
+        if epilogue:
+            sch.reverse_compute_at(epilogue[-1], tile_loop)
+        for block in blocks[:index]:
+            schedule_injective(sch, block, lanes)
+        return sch
+
+
+def _is_multiply_accumulate(sch: s_tir.Schedule, block) -> bool:
+    body = sch.get(block).body
+    if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tirx.Add):
+        return False
+    products = [body.value.a, body.value.b]
+    return any(_strip_casts(p).__class__ is tirx.Mul for p in products)
+
+
+def _strip_casts(expr):
+    while isinstance(expr, tirx.Cast):
+        expr = expr.value
+    return expr
+
+
+def _spatial_then_reduce(kinds: str) -> bool:
+    spatial = kinds.rstrip("R")
+    return bool(spatial) and "R" not in spatial and len(spatial) < len(kinds)
+
+
+def _divisor_at_most(extent: int, limit: int) -> int:
+    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
+def _tile(sch: s_tir.Schedule, block, lanes: int, registers: int):
+    loops = sch.get_loops(block)
+    kinds = iter_kinds(sch, block)
+    spatial = list(loops[: len(kinds.rstrip("R"))])
+    reduction = list(loops[len(spatial) :])
+    extents = [loop_extent(sch, loop) for loop in spatial]
+    if any(e is None for e in extents):
+        return None
+
+    # Vector axis: the innermost output axis, split so the vector width divides it.
+    vec_extent = extents[-1]
+    if vec_extent % lanes == 0:
+        vec_factor = lanes
+    elif vec_extent <= 2 * lanes:
+        vec_factor = vec_extent
+    else:
+        vec_factor = _divisor_at_most(vec_extent, lanes)
+    vectors_per_row = -(-vec_factor // lanes)
+
+    # Block axis: the largest other output axis; its tile rows are the accumulators.
+    others = list(range(len(spatial) - 1))
+    block_axis = max(others, key=lambda i: extents[i], default=None)
+    budget = max(1, (registers - 4) // vectors_per_row)
+    block_factor = _divisor_at_most(extents[block_axis], budget) if block_axis is not None else 1
+
+    outer, inner = [], []
+    for i, loop in enumerate(spatial):
+        if i == len(spatial) - 1:
+            vec_outer, vec_inner = sch.split(loop, factors=[None, vec_factor])
+            outer.append(vec_outer)
+            inner.append(vec_inner)
+        elif i == block_axis and block_factor > 1:
+            block_outer, block_inner = sch.split(loop, factors=[None, block_factor])
+            outer.append(block_outer)
+            inner.insert(0, block_inner)
+        else:
+            outer.append(loop)
+    sch.reorder(*outer, *reduction, *inner)
+    tile_loop = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(tile_loop)
+    if len(inner) == 2:
+        sch.unroll(inner[0])
+    sch.vectorize(inner[-1])
+    # The accumulator tile is zeroed once per tile, outside the reduction loops.
+    sch.decompose_reduction(block, reduction[0])
+    return tile_loop
