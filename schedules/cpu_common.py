@@ -73,3 +73,16 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.vectorize(vector)
     if outer:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def schedule_tile_epilogue(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Vectorize the innermost loop of an epilogue that was moved under a tile loop."""
+    loops = sch.get_loops(block)
+    extent = loop_extent(sch, loops[-1]) if loops else None
+    if extent is None or extent < 2:
+        return
+    if extent > lanes and extent % lanes == 0:
+        _, vector = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(vector)
+    elif extent <= 2 * lanes:
+        sch.vectorize(loops[-1])

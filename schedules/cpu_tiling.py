@@ -19,6 +19,7 @@ from .cpu_common import (
     num_vector_registers,
     out_dtype_bits,
     schedule_injective,
+    schedule_tile_epilogue,
     top_level_blocks,
     vector_bits,
 )
@@ -42,15 +43,17 @@ class MultiplyAccumulateTiling(CPUScheduleRule):
             return None
         lanes = vector_bits(target) // max(out_dtype_bits(sch, main), 8)
 
-        # Epilogue: inline every elementwise block into the last one, which then runs per tile.
-        epilogue = blocks[index + 1 :]
+        # The accumulators live in a local tile that LLVM keeps in vector registers; the
+        # copy out of it and every elementwise block after the kernel fold into the last
+        # block, which runs per tile while the tile is still in cache.
+        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
         for block in epilogue[:-1]:
             sch.compute_inline(block)
         tile_loop = _tile(sch, main, lanes, num_vector_registers(target))
         if tile_loop is None:
             return None
-        if epilogue:
-            sch.reverse_compute_at(epilogue[-1], tile_loop)
+        sch.reverse_compute_at(epilogue[-1], tile_loop)
+        schedule_tile_epilogue(sch, epilogue[-1], lanes)
         for block in blocks[:index]:
             schedule_injective(sch, block, lanes)
         return sch
