@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tvmq-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests need: the aarch64 cross linker and qemu-user to run its output.
-SYSTEM_PACKAGES := g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user
+# Debian packages the tests need: the aarch64 cross linker, qemu-user to run its output,
+# and Chromium to check that HTML reports render.
+SYSTEM_PACKAGES := g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user chromium
 
 .PHONY: setup setup-system demo test bench lint train-example clean
 
@@ -17,7 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup-system:
-	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null \
+		|| ! command -v chromium >/dev/null; then \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES); \
 	fi
 

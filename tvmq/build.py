@@ -19,6 +19,7 @@ from .artifact import FORMAT, FORMAT_VERSION, Artifact
 from .config import CompileConfig, QuantizeMode
 from .errors import PipelineError
 from .frontend import INPUT_NAMES_ATTR, OUTPUT_NAMES_ATTR, TensorInfo, load
+from .kernels import kernel_table
 from .pipeline import pass_name, pipeline
 
 
@@ -67,6 +68,7 @@ def compile(
     tvm_target = preset.tvm_target()
     with tvm_target, tvm.transform.PassContext(opt_level=3):
         mod = run_passes(mod, passes, dump_ir)
+        kernels = kernel_table(mod)
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
     manifest = {
         "format": FORMAT,
@@ -81,6 +83,7 @@ def compile(
         "outputs": [o.to_json() for o in outputs],
         "quantization": {"mode": config.quantize.value},
         "passes": [pass_name(p) for p in passes],
+        "kernels": kernels,
     }
     return Artifact(executable, manifest)
 

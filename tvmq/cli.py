@@ -7,6 +7,7 @@ stderr; ``--verbose`` adds the traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -78,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark-json", help="write latency statistics to this JSON file")
     r.set_defaults(func=_run)
 
+    f = sub.add_parser("profile", parents=[common], help="time each kernel of an artifact")
+    f.add_argument("artifact")
+    feed = f.add_mutually_exclusive_group()
+    feed.add_argument("--inputs", help="an .npz with one array per input")
+    feed.add_argument("--fill-mode", choices=["zeros", "ones", "random"], default="random")
+    f.add_argument("--repeat", type=_positive, default=20)
+    f.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    f.add_argument("-o", "--output", help="write the report to this file")
+    f.add_argument("--baseline", action="append", default=[], metavar="OTHER.tar",
+                   help="profile another build of the same model and compare layer by layer")
+    f.set_defaults(func=_profile)
+
     t = sub.add_parser("targets", parents=[common], help="list the target presets")
     t.set_defaults(func=_targets)
 
@@ -143,17 +156,10 @@ def _target_arg(text: str):
 
 
 def _run(args) -> int:
-    from .frontend import random_inputs
     from .runtime import load
 
     model = load(args.artifact)
-    if args.inputs:
-        inputs = _read_npz(args.inputs)
-    elif args.fill_mode == "random":
-        inputs = random_inputs(model.inputs)
-    else:
-        fill = np.zeros if args.fill_mode == "zeros" else np.ones
-        inputs = {i.name: fill(i.shape, dtype=i.dtype) for i in model.inputs}
+    inputs = _inputs(args, model)
     outputs = model.run(**inputs)
     if args.outputs:
         np.savez(args.outputs, **outputs)
@@ -172,6 +178,41 @@ def _run(args) -> int:
             with open(args.benchmark_json, "w") as handle:
                 json.dump(result.to_json(), handle, indent=2)
     return 0
+
+
+def _profile(args) -> int:
+    from .profiler import profile, write
+    from .runtime import load
+
+    model = load(args.artifact)
+    inputs = _inputs(args, model)
+    result = profile(model, inputs=inputs, repeat=args.repeat)
+    result = dataclasses.replace(result, artifact=args.artifact,
+                                 size_bytes=os.path.getsize(args.artifact))
+    baselines = []
+    for path in args.baseline:
+        other = load(path)
+        baseline = profile(other, inputs=_inputs(args, other), repeat=args.repeat)
+        baselines.append(
+            dataclasses.replace(baseline, artifact=path, size_bytes=os.path.getsize(path))
+        )
+    text = write(result, args.format, args.output, baselines)
+    if args.output:
+        print(f"wrote {args.format} profile of {args.artifact} to {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def _inputs(args, model) -> dict[str, np.ndarray]:
+    from .frontend import random_inputs
+
+    if args.inputs:
+        return _read_npz(args.inputs)
+    if args.fill_mode == "random":
+        return random_inputs(model.inputs)
+    fill = np.zeros if args.fill_mode == "zeros" else np.ones
+    return {i.name: fill(i.shape, dtype=i.dtype) for i in model.inputs}
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:

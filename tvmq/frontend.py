@@ -10,6 +10,7 @@ the build can write them into the artifact's manifest.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,12 +19,16 @@ import numpy as np
 import onnx
 import tvm
 from onnx import helper
+from tvm import relax
+from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
 from .errors import InputError, ModelError, UnsupportedOpError
 from .onnx_fold import fold_static_shapes
 
 INPUT_NAMES_ATTR = "tvmq.input_names"
 OUTPUT_NAMES_ATTR = "tvmq.output_names"
+# Bound variable name -> the ONNX node it was imported from (for per-kernel reports).
+ORIGINS_ATTR = "tvmq.origins"
 
 
 @dataclass(frozen=True)
@@ -90,20 +95,20 @@ def import_onnx(
     source: str = "model",
 ) -> tvm.IRModule:
     """Import an in-memory ONNX model; see :func:`load`."""
-    from tvm.relax.frontend.onnx import from_onnx
-
     model = _with_static_inputs(model, dict(input_shapes or {}), source)
     model = fold_static_shapes(model)
     _check_supported(model, source)
     inputs = graph_inputs(model)
+    importer = _NamingImporter(
+        {i.name: list(i.shape) for i in inputs},
+        {i.name: i.dtype for i in inputs},
+        keep_params_in_input=False,
+        sanitize=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            mod = from_onnx(
-                model,
-                shape_dict={i.name: list(i.shape) for i in inputs},
-                dtype_dict={i.name: i.dtype for i in inputs},
-            )
+            mod = importer.from_onnx(model.graph, _opset(model))
         except Exception as err:
             message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             raise ModelError(
@@ -112,8 +117,45 @@ def import_onnx(
             ) from None
     main = mod["main"].with_attr(INPUT_NAMES_ATTR, [i.name for i in inputs])
     main = main.with_attr(OUTPUT_NAMES_ATTR, [o.name for o in model.graph.output])
+    main = main.with_attr(ORIGINS_ATTR, _origins(importer.node_of_var, main))
     mod["main"] = main
     return mod
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return int(opset.version)
+    return 1
+
+
+def _origins(node_of_var: dict[str, str], main) -> dict[str, str]:
+    """Which ONNX node each bound variable of ``main`` comes from, by variable name."""
+    # Only the names given after nodes: helper names (lv, lv1, ...) are reused by rewrites.
+    names = {b.var.name for block in main.body.blocks for b in block.bindings}
+    return {name: node for name, node in node_of_var.items() if name in names}
+
+
+class _NamingImporter(ONNXGraphImporter):
+    """The Relax ONNX importer, binding each node's result to a variable named after it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.node_of_var: dict[str, str] = {}
+
+    def _convert_operator(self, op_name, inputs, attrs, opset):
+        result = super()._convert_operator(op_name, inputs, attrs, opset)
+        node_name = str(attrs.get("tvm_custom", {}).get("name") or op_name)
+        if isinstance(result, relax.Call | relax.TupleGetItem):
+            result = self.bb.emit(result, name_hint=_var_name(node_name))
+        if isinstance(result, relax.Var):
+            self.node_of_var.setdefault(result.name, node_name)
+        return result
+
+
+def _var_name(node_name: str) -> str:
+    name = re.sub(r"\W+", "_", node_name).strip("_") or "node"
+    return name if not name[0].isdigit() else f"n_{name}"
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:

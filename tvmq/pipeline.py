@@ -21,6 +21,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from . import targets
 from .config import CompileConfig
 from .errors import PipelineError
+from .passes.kernel_origins import RecordKernelOrigins, TagOrigins
 from .schedules import default_schedule_passes
 
 # The TVM backend module whose stage functions lower a module for each target kind.
@@ -55,9 +56,10 @@ def pipeline(
         relax.transform.CanonicalizeBindings(),
         # Weight-only subgraphs (transposes, reshapes, folded batch norms) become constants.
         relax.transform.FoldConstant(),
-        # Library dispatch, LegalizeOps, FuseOps and FuseTIR (plus dlight rules on GPUs).
+        # Library dispatch, LegalizeOps, FuseOps and FuseTIR (plus dlight rules on GPUs);
+        # around FuseOps, the ONNX nodes each kernel computes are recorded for reports.
         *backend.library_dispatch_passes(tvm_target),
-        *backend.legalize_passes(tvm_target),
+        *_around_fuse_ops(backend.legalize_passes(tvm_target)),
         # Tuned schedules first; every kernel still unscheduled gets the target's default.
         *_tuning_passes(config),
         *default_schedule_passes(tvm_target),
@@ -70,6 +72,12 @@ def pipeline(
 def pass_name(p: tvm.transform.Pass) -> str:
     """The name a pass is listed and disabled by."""
     return str(p.info.name)
+
+
+def _around_fuse_ops(passes: list[tvm.transform.Pass]) -> list[tvm.transform.Pass]:
+    index = [pass_name(p) for p in passes].index("FuseOps")
+    fuse_ops, rest = passes[index], passes[index + 1 :]
+    return [*passes[:index], TagOrigins(), fuse_ops, RecordKernelOrigins(), *rest]
 
 
 def _tuning_passes(config: CompileConfig) -> list[tvm.transform.Pass]:

@@ -52,12 +52,12 @@ class Model:
         self.inputs = [TensorInfo.from_json(i) for i in manifest["inputs"]]
         self.outputs = [TensorInfo.from_json(o) for o in manifest["outputs"]]
         self.device = tvm.cuda(0) if manifest["device"] == "cuda" else tvm.cpu(0)
-        self._lib = tvm.runtime.load_module(library_path)
-        self._vm = relax.VirtualMachine(self._lib, self.device)
+        self.library = tvm.runtime.load_module(library_path)
+        self.vm = relax.VirtualMachine(self.library, self.device)
 
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run the model once; returns the outputs by name."""
-        result = self._vm["main"](*self._to_device(inputs))
+        result = self.vm["main"](*self._to_device(inputs))
         return self._from_device(result)
 
     def benchmark(
@@ -71,8 +71,8 @@ class Model:
         if repeat < 1 or number < 1:
             raise InputError(f"repeat ({repeat}) and number ({number}) must be at least 1")
         arrays = self._to_device(dict(inputs) if inputs else random_inputs(self.inputs))
-        self._vm.set_input("main", *arrays)
-        timer = self._vm.time_evaluator(
+        self.vm.set_input("main", *arrays)
+        timer = self.vm.time_evaluator(
             "invoke_stateful", self.device, number=number, repeat=repeat
         )
         times = [t * 1e3 for t in timer("main").results]

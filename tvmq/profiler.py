@@ -1,0 +1,234 @@
+"""Where the time goes: per-kernel latency, work and efficiency of an artifact.
+
+The Relax VM lost its profiler; tvmq measures each kernel on its own. One instrumented run
+records every kernel call with its arguments, then each call is timed by TVM's
+``time_evaluator`` (C++ loop, no Python in the measurement) on those same arguments. The
+per-kernel times are compared with the end-to-end time measured without instrumentation,
+and the report says the difference.
+
+Peak throughput of this host, the denominator of "% of peak":
+
+- fp32: vector lanes (8 with AVX2, 16 with AVX-512, 4 with NEON) x 2 FMA units x 2 flops
+  x cores x clock (``cpu MHz`` in /proc/cpuinfo).
+- int8: 4x the fp32 rate with VNNI (``vpdpbusd``: 4 multiply-adds per 32-bit lane) or ARM
+  dot product, 2x without (``vpmaddubsw`` + ``vpmaddwd``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .frontend import random_inputs
+from .runtime import Model, host_cpu_features, load
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """One kernel (fused op): its time per model run and what it computes."""
+
+    name: str
+    calls: int
+    time_ms: float
+    share: float
+    ops: int
+    bytes: int
+    throughput_gops: float
+    peak_fraction: float
+    nodes: tuple[str, ...]
+    precision: str
+    algorithm: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A per-kernel profile of one artifact on this machine."""
+
+    artifact: str
+    target: str
+    rows: tuple[KernelRow, ...]
+    end_to_end_ms: float
+    kernels_ms: float
+    peak_gops: dict[str, float] = field(default_factory=dict)
+    size_bytes: int = 0
+
+    @property
+    def difference(self) -> float:
+        """(sum of kernels - end to end) / end to end."""
+        return (self.kernels_ms - self.end_to_end_ms) / self.end_to_end_ms
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["difference"] = self.difference
+        return data
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        names = [f for f in KernelRow.__dataclass_fields__]
+        writer.writerow(names)
+        for row in self.rows:
+            values = asdict(row)
+            values["nodes"] = ";".join(row.nodes)
+            writer.writerow([values[n] for n in names])
+        return out.getvalue()
+
+    def to_table(self) -> str:
+        lines = [
+            f"profile of {self.artifact} (target {self.target})",
+            f"{'kernel':<40} {'calls':>5} {'ms':>9} {'share':>6} {'GOP/s':>8} {'peak':>6} "
+            f"{'prec':>5} {'algo':>9}  nodes",
+        ]
+        for r in self.rows:
+            nodes = ", ".join(r.nodes[:3]) + (" ..." if len(r.nodes) > 3 else "")
+            lines.append(
+                f"{r.name[:40]:<40} {r.calls:>5} {r.time_ms:>9.4f} {r.share * 100:>5.1f}% "
+                f"{r.throughput_gops:>8.2f} {r.peak_fraction * 100:>5.1f}% {r.precision:>5} "
+                f"{r.algorithm:>9}  {nodes}"
+            )
+        lines.append(
+            f"sum of kernels {self.kernels_ms:.4f} ms, end to end {self.end_to_end_ms:.4f} ms "
+            f"(difference {self.difference * 100:+.1f}%: VM overhead, allocation and "
+            "cache effects between kernels)"
+        )
+        return "\n".join(lines)
+
+
+def profile(
+    artifact: str | os.PathLike | Model,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    repeat: int = 20,
+) -> Profile:
+    """Profile an artifact (a path or a loaded model) on this machine."""
+    model = artifact if isinstance(artifact, Model) else load(artifact)
+    source = "model" if isinstance(artifact, Model) else os.fspath(artifact)
+    feed = dict(inputs) if inputs is not None else random_inputs(model.inputs)
+    calls = _record_calls(model, feed)
+    per_kernel: dict[str, list[float]] = {}
+    for symbol, args in calls:
+        timer = _module_with(model.library, symbol).time_evaluator(
+            symbol, model.device, number=1, repeat=repeat, min_repeat_ms=2
+        )
+        per_kernel.setdefault(symbol, []).append(statistics.median(timer(*args).results) * 1e3)
+    end_to_end = model.benchmark(repeat=repeat, number=max(1, 10), inputs=feed).median_ms
+    kernels_ms = sum(sum(times) for times in per_kernel.values())
+    peaks = peak_gops(model.manifest)
+    table = model.manifest.get("kernels", {})
+    rows = []
+    for symbol, times in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
+        info = table.get(symbol, {})
+        total = sum(times)
+        ops = int(info.get("ops", 0)) * len(times)
+        precision = info.get("precision", "fp32")
+        throughput = ops / (total * 1e-3) / 1e9 if total > 0 else 0.0
+        rows.append(
+            KernelRow(
+                name=symbol,
+                calls=len(times),
+                time_ms=total,
+                share=total / kernels_ms if kernels_ms else 0.0,
+                ops=ops,
+                bytes=int(info.get("bytes", 0)) * len(times),
+                throughput_gops=throughput,
+                peak_fraction=throughput / peaks.get(precision, peaks["fp32"]),
+                nodes=tuple(info.get("nodes", ())),
+                precision=precision,
+                algorithm=info.get("algorithm", "-"),
+            )
+        )
+    size = os.path.getsize(source) if os.path.isfile(source) else 0
+    target = model.manifest.get("target", {}).get("preset", "?")
+    return Profile(source, target, tuple(rows), end_to_end, kernels_ms, peaks, size)
+
+
+def _record_calls(model: Model, feed) -> list[tuple[str, tuple]]:
+    """Every kernel call of one run, with its arguments, in order."""
+    calls = []
+
+    def instrument(_func, symbol, before_run, _ret, *args):
+        if before_run and not str(symbol).startswith("vm."):
+            calls.append((str(symbol), args))
+        return 0
+
+    model.run(**feed)  # warm up: first-run allocation is not what a kernel costs
+    model.vm.set_instrument(instrument)
+    try:
+        model.run(**feed)
+    finally:
+        model.vm.set_instrument(_no_instrument)
+    return calls
+
+
+def _module_with(library, symbol: str):
+    """The module in the artifact's import tree that defines the kernel ``symbol``."""
+    pending = [library]
+    while pending:
+        module = pending.pop()
+        if module.kind != "relax.VMExecutable" and module.implements_function(symbol):
+            return module
+        pending.extend(module.imports)
+    return library
+
+
+def _no_instrument(*_args):
+    return 0
+
+
+def peak_gops(manifest: Mapping) -> dict[str, float]:
+    """Peak fp32 GFLOP/s and int8 GOP/s of this host for the artifact's target."""
+    features = set(manifest.get("cpu_features", [])) & host_cpu_features()
+    arch = manifest.get("arch", "x86_64")
+    lanes = 4 if arch == "aarch64" else 16 if "avx512f" in features else 8
+    int8_factor = 4 if {"avx512_vnni", "avx_vnni", "asimddp"} & features else 2
+    cores = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+    fp32 = lanes * 2 * 2 * cores * _clock_ghz()
+    return {"fp32": fp32, "fp16": fp32, "int8": fp32 * int8_factor, "int4": fp32 * int8_factor}
+
+
+def _clock_ghz() -> float:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) / 1000
+    except (OSError, ValueError):
+        pass
+    return 2.0
+
+
+def write(profile_: Profile, fmt: str, path: str | None = None, baselines=()) -> str:
+    """Render a profile (and optional baseline profiles) as table, json, csv or html."""
+    from .report import comparison_table, html_report
+
+    if fmt == "json":
+        data = profile_.to_json()
+        if baselines:
+            data["baselines"] = [b.to_json() for b in baselines]
+            data["comparison"] = [asdict(r) for r in _pairs(profile_, baselines[0])]
+        text = json.dumps(data, indent=2)
+    elif fmt == "csv":
+        text = profile_.to_csv()
+    elif fmt == "html":
+        text = html_report(profile_, baselines)
+    else:
+        text = profile_.to_table()
+        for baseline in baselines:
+            text += "\n\n" + comparison_table(profile_, baseline)
+    if path:
+        with open(path, "w") as handle:
+            handle.write(text)
+    return text
+
+
+def _pairs(profile_: Profile, baseline: Profile):
+    from .report import pair_layers
+
+    return pair_layers(profile_, baseline)
