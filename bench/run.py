@@ -1,0 +1,220 @@
+"""``make bench``: models x {ORT FP32, ORT INT8, tvmq FP32, tvmq INT8, tvmq mixed}, one run.
+
+Every latency is a median measured in this run on this machine, batch 1, with ONNX Runtime
+measured beside tvmq; ratios are against ONNX Runtime FP32 (> 1 means faster than it).
+Accuracy is reported where the model has real data (the bundled digits). Writes
+``bench/results.md`` and ``bench/results.json`` and prints the table.
+
+    python -m bench.run [--models digits,resnet50,...] [--repeat N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+import tvmq
+from tvmq.config import BUILT_QUANTIZE_MODES, QuantizeMode
+from tvmq.examples import DIGITS_MODEL, digits_calibration_set, digits_test_set
+from tvmq.models import bert_encoder_layer, light_zoo_models, mobilenet_v2
+
+
+@dataclass
+class Cell:
+    build: str
+    latency_ms: float | None = None
+    size_bytes: int | None = None
+    accuracy: float | None = None
+    note: str = ""
+
+
+def _models() -> dict[str, Callable[[str], str]]:
+    zoo = light_zoo_models()
+
+    def saved(builder):
+        def make(work: str) -> str:
+            path = os.path.join(work, f"{builder.__name__}.onnx")
+            onnx.save(builder(), path)
+            return path
+
+        return make
+
+    return {
+        "digits": lambda work: DIGITS_MODEL,
+        "resnet50": lambda work: zoo["resnet50"],
+        "vgg19": lambda work: zoo["vgg19"],
+        "mobilenet_v2": saved(mobilenet_v2),
+        "bert_layer": saved(bert_encoder_layer),
+    }
+
+
+def _progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _ort_session(path: str):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _ort_latency(session, feed, repeat: int) -> float:
+    for _ in range(5):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def _calibration(path: str, feed: dict[str, np.ndarray], samples: int = 32):
+    """Calibration inputs: the real calibration digits, random data for the other models."""
+    if path == DIGITS_MODEL:
+        images, _ = digits_calibration_set()
+        return [{"input": image[None]} for image in images]
+    rng = np.random.default_rng(1)
+    return [
+        {k: rng.random(v.shape, dtype=np.float32).astype(v.dtype) for k, v in feed.items()}
+        for _ in range(samples)
+    ]
+
+
+def _ort_int8(path: str, calibration, work: str) -> str:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calibration)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = os.path.join(work, os.path.basename(path).replace(".onnx", "-ort-int8.onnx"))
+    quantize_static(path, out, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def _accuracy(predict: Callable[[np.ndarray], np.ndarray]) -> float:
+    images, labels = digits_test_set()
+    hits = sum(int(np.argmax(predict(image[None])) == label)
+               for image, label in zip(images, labels, strict=True))
+    return hits / len(labels)
+
+
+def bench_model(name: str, path: str, work: str, repeat: int) -> list[Cell]:
+    session = _ort_session(path)
+    feed = {i.name: np.random.default_rng(0).random(
+        [d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)
+        for i in session.get_inputs()}
+    if path == DIGITS_MODEL:
+        feed = {"input": digits_test_set()[0][:1]}
+    cells = []
+    _progress(f"{name}: ONNX Runtime FP32")
+    cells.append(Cell("ort-fp32", _ort_latency(session, feed, repeat), os.path.getsize(path)))
+    if path == DIGITS_MODEL:
+        cells[-1].accuracy = _accuracy(lambda x: session.run(None, {"input": x})[0])
+    calibration = _calibration(path, feed)
+    _progress(f"{name}: ONNX Runtime INT8 (quantize_static, QDQ, per-channel)")
+    try:
+        int8_path = _ort_int8(path, calibration, work)
+        int8 = _ort_session(int8_path)
+        cell = Cell("ort-int8", _ort_latency(int8, feed, repeat), os.path.getsize(int8_path))
+        if path == DIGITS_MODEL:
+            cell.accuracy = _accuracy(lambda x: int8.run(None, {"input": x})[0])
+    except Exception as err:  # the peer failing on a model is a result, not a crash
+        cell = Cell("ort-int8", note=f"failed: {type(err).__name__}")
+    cells.append(cell)
+    for mode in (QuantizeMode.NONE, QuantizeMode.INT8, QuantizeMode.MIXED):
+        label = {"none": "tvmq-fp32", "int8": "tvmq-int8", "mixed": "tvmq-mixed"}[mode.value]
+        if mode not in BUILT_QUANTIZE_MODES:
+            cells.append(Cell(label, note="not built yet"))
+            continue
+        _progress(f"{name}: {label} compile")
+        artifact = os.path.join(work, f"{name}-{label}.tar")
+        options = {} if mode is QuantizeMode.NONE else {
+            "quantize": mode.value, "calibration_data": calibration}
+        try:
+            start = time.perf_counter()
+            tvmq.compile(path, target="x86", **options).export(artifact)
+            compile_s = time.perf_counter() - start
+        except tvmq.TvmqError as err:
+            cells.append(Cell(label, note=f"failed: {err}"))
+            continue
+        model = tvmq.runtime.load(artifact)
+        _progress(f"{name}: {label} run ({compile_s:.0f} s to compile)")
+        result = model.benchmark(repeat=repeat, number=max(1, 50 // repeat), inputs=feed)
+        cell = Cell(label, result.median_ms, os.path.getsize(artifact))
+        if path == DIGITS_MODEL:
+            cell.accuracy = _accuracy(lambda x, m=model: next(iter(m.run(input=x).values())))
+        cells.append(cell)
+    return cells
+
+
+def markdown(results: dict[str, list[Cell]]) -> str:
+    builds = ["ort-fp32", "ort-int8", "tvmq-fp32", "tvmq-int8", "tvmq-mixed"]
+    lines = [
+        "| model | " + " | ".join(builds) + " |",
+        "|---|" + "---|" * len(builds),
+    ]
+    for name, cells in results.items():
+        by_build = {c.build: c for c in cells}
+        base = by_build["ort-fp32"].latency_ms
+        row = []
+        for build in builds:
+            c = by_build.get(build)
+            if c is None or c.latency_ms is None:
+                row.append(c.note if c else "-")
+                continue
+            ratio = base / c.latency_ms
+            text = f"{c.latency_ms:.3f} ms ({ratio:.2f}x), {c.size_bytes / 1e6:.2f} MB"
+            if c.accuracy is not None:
+                text += f", top-1 {c.accuracy * 100:.1f}%"
+            row.append(text)
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Latency: batch 1 median on this machine, same run; (Nx) = ONNX Runtime FP32 "
+                 "latency / this latency. Sizes: ONNX file or tvmq artifact.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(_models()))
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    args = parser.parse_args(argv)
+    builders = _models()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tvmq-bench-") as work:
+        for name in args.models.split(","):
+            if name not in builders:
+                parser.error(f"unknown model {name!r}; choose from {', '.join(builders)}")
+            results[name] = bench_model(name, builders[name](work), work, args.repeat)
+    table = markdown(results)
+    print(table)
+    with open(os.path.join(args.out, "results.md"), "w") as handle:
+        handle.write(table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump({k: [asdict(c) for c in v] for k, v in results.items()}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
