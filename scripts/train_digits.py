@@ -20,7 +20,8 @@ elementwise add, a 1x1 convolution, global average pooling, flatten and a dense 
 
 Outputs, written to ``tvmq/examples/``:
 
-* ``digits.onnx``       - the model (opset 17, input "input", output "logits", static shapes).
+* ``digits.onnx``       - the model (opset 17, input "input" (1,1,28,28) float32, output
+                          "logits" (1,10), static shapes, BatchNorm kept as BatchNormalization).
 * ``digits_data.npz``   - ``calib_x_u8`` (200,1,28,28) uint8, ``calib_y`` (200,) int64,
                           ``test_x_u8`` (1000,1,28,28) uint8, ``test_y`` (1000,) int64.
                           Divide the uint8 images by 255 to get model inputs.
@@ -31,6 +32,7 @@ Outputs, written to ``tvmq/examples/``:
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +104,7 @@ def load_split() -> dict[str, np.ndarray]:
 
 def to_float(x_u8: np.ndarray) -> np.ndarray:
     """uint8 images -> float32 model inputs in [0, 1]."""
-    return (x_u8.astype(np.float32) / 255.0).astype(np.float32)
+    return x_u8.astype(np.float32) / np.float32(255.0)
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -161,21 +163,25 @@ def train(data: dict[str, np.ndarray]) -> DigitsNet:
 
 
 def export_onnx(model: nn.Module, path: Path) -> None:
+    """Export with the legacy TorchScript exporter: static shapes, BatchNorm kept as nodes."""
     model.eval()
     dummy = torch.zeros(1, 1, 28, 28, dtype=torch.float32)
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=17,
-        dynamo=False,
-        training=torch.onnx.TrainingMode.EVAL,
-        # Constant folding would also fuse every BatchNorm into its Conv; keep the
-        # BatchNormalization nodes so the quantizer's own BN folding is exercised.
-        do_constant_folding=False,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.EVAL,
+            # With constant folding on, the exporter's eval-mode peephole pass fuses every
+            # BatchNorm into its Conv; turn it off to keep the BatchNormalization nodes so the
+            # quantizer's own BN folding gets exercised.
+            do_constant_folding=False,
+        )
     onnx.checker.check_model(onnx.load(str(path)))
 
 
@@ -183,7 +189,8 @@ def onnx_predict(path: Path, x: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["logits"], {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    outs = [session.run(["logits"], {"input": x[i : i + 1]})[0] for i in range(len(x))]
+    return np.concatenate(outs)
 
 
 def main() -> None:
