@@ -11,13 +11,20 @@ from tvm.s_tir import dlight as dl
 
 from .cpu_injective import InjectiveParallel
 from .cpu_tiling import MultiplyAccumulateTiling
+from .cpu_winograd import WinogradConv
 
 
 def _cpu_rules():
-    # First rule that accepts a kernel wins: tiled multiply-accumulate kernels, then TVM's
-    # own CPU rules for matrix-vector and row reductions (softmax, norms), then a parallel
-    # vectorized loop nest for everything else.
-    return [MultiplyAccumulateTiling(), dl.cpu.GEMV(), dl.cpu.Reduction(), InjectiveParallel()]
+    # First rule that accepts a kernel wins: Winograd convolutions, tiled multiply-accumulate
+    # kernels, then TVM's own CPU rules for matrix-vector and row reductions (softmax,
+    # norms), then a parallel vectorized loop nest for everything else.
+    return [
+        WinogradConv(),
+        MultiplyAccumulateTiling(),
+        dl.cpu.GEMV(),
+        dl.cpu.Reduction(),
+        InjectiveParallel(),
+    ]
 
 
 _RULES = {"llvm": _cpu_rules}

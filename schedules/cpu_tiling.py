@@ -42,21 +42,30 @@ class MultiplyAccumulateTiling(CPUScheduleRule):
         if not _is_multiply_accumulate(sch, main) or not _spatial_then_reduce(kinds[index]):
             return None
         lanes = vector_bits(target) // max(out_dtype_bits(sch, main), 8)
-
-        # The accumulators live in a local tile that LLVM keeps in vector registers; the
-        # copy out of it and every elementwise block after the kernel fold into the last
-        # block, which runs per tile while the tile is still in cache.
-        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
-        for block in epilogue[:-1]:
-            sch.compute_inline(block)
-        tile_loop = _tile(sch, main, lanes, num_vector_registers(target))
-        if tile_loop is None:
+        if not tile_accumulation(sch, main, blocks[index + 1 :], target):
             return None
-        sch.reverse_compute_at(epilogue[-1], tile_loop)
-        schedule_tile_epilogue(sch, epilogue[-1], lanes)
         for block in blocks[:index]:
             schedule_injective(sch, block, lanes)
         return sch
+
+
+def tile_accumulation(sch: s_tir.Schedule, main, epilogue: list, target: Target) -> bool:
+    """Register-tile the multiply-accumulate block ``main`` and run ``epilogue`` per tile.
+
+    The accumulators live in a local tile that LLVM keeps in vector registers; the copy out
+    of it and every elementwise block after the kernel fold into the last block, which runs
+    per tile while the tile is still in cache.
+    """
+    lanes = vector_bits(target) // max(out_dtype_bits(sch, main), 8)
+    epilogue = [sch.cache_write(main, 0, "local"), *epilogue]
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    tile_loop = _tile(sch, main, lanes, num_vector_registers(target))
+    if tile_loop is None:
+        return False
+    sch.reverse_compute_at(epilogue[-1], tile_loop)
+    schedule_tile_epilogue(sch, epilogue[-1], lanes)
+    return True
 
 
 def _is_multiply_accumulate(sch: s_tir.Schedule, block) -> bool:
@@ -124,7 +133,8 @@ def _tile(sch: s_tir.Schedule, block, lanes: int, registers: int):
     sch.parallel(tile_loop)
     if len(inner) == 2:
         sch.unroll(inner[0])
-    sch.vectorize(inner[-1])
+    if vec_factor > 1:
+        sch.vectorize(inner[-1])
     # The accumulator tile is zeroed once per tile, outside the reduction loops.
     sch.decompose_reduction(block, reduction[0])
     return tile_loop

@@ -69,6 +69,16 @@ class TargetPreset:
             flag for feature, flag in table.items() if llvm_cpu_has_features([feature], host)
         )
 
+    def runs_here(self) -> bool:
+        """Whether code built for this target runs on this machine's CPU."""
+        import platform
+
+        return (
+            self.device == "cpu"
+            and self.arch == platform.machine()
+            and set(self.required_cpu_features()) <= host_cpu_features()
+        )
+
     def describe(self) -> str:
         enabled = ", ".join(self.enables) if self.enables else "-"
         return f"{self.name:<16} {self.description}  [{enabled}]"
@@ -84,3 +94,16 @@ def aarch64_target(*mattr: str) -> dict[str, Any]:
 
 def cuda_target(arch: str) -> dict[str, Any]:
     return {"kind": "cuda", "arch": arch, "host": x86_target("x86-64-v3")}
+
+
+def host_cpu_features() -> set[str]:
+    """The CPU feature flags Linux reports for this machine."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()

@@ -13,7 +13,7 @@ from conftest import reference, relative_error
 
 import tvmq
 from tvmq.errors import ArtifactError, InputError
-from tvmq.runtime import host_cpu_features
+from tvmq.targets.preset import host_cpu_features
 
 
 def test_roundtrip_matches_onnxruntime(tiny_artifact, tiny_model_path):

@@ -18,14 +18,19 @@ from .config import CompileConfig, QuantizeMode
 from .errors import TvmqError
 from .frontend import load
 from .pipeline import pipeline
+from .qconfig import QConfig
+from .quantize import QuantizationReport, quantize
 
 __all__ = [
     "CompileConfig",
+    "QConfig",
+    "QuantizationReport",
     "QuantizeMode",
     "TvmqError",
     "__version__",
     "compile",
     "load",
     "pipeline",
+    "quantize",
     "runtime",
 ]

@@ -6,6 +6,7 @@ in that list, run one at a time so ``dump_ir`` can write the module after each.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -16,11 +17,15 @@ from tvm import relax
 
 from . import __version__, targets
 from .artifact import FORMAT, FORMAT_VERSION, Artifact
+from .calibration_data import CalibrationSource
 from .config import CompileConfig, QuantizeMode
-from .errors import PipelineError
+from .errors import PipelineError, TvmqError
 from .frontend import INPUT_NAMES_ATTR, OUTPUT_NAMES_ATTR, TensorInfo, load
 from .kernels import kernel_table
+from .passes.conv_algorithm import CONV_ALGORITHMS_ATTR, ConvPolicy
 from .pipeline import pass_name, pipeline
+from .qconfig import QConfig
+from .quantize import QuantizationReport
 
 
 def compile(
@@ -32,6 +37,11 @@ def compile(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     disabled_passes: Sequence[str] = (),
     dump_ir: str | os.PathLike | None = None,
+    calibration_data: CalibrationSource | None = None,
+    qconfig: QConfig | None = None,
+    quantize_report: str | os.PathLike | None = None,
+    conv_algorithm: ConvPolicy | str = ConvPolicy.PREDICT,
+    conv_overrides: Mapping[str, str] | None = None,
 ) -> Artifact:
     """Compile a model for a target.
 
@@ -50,6 +60,16 @@ def compile(
         Names of pipeline passes to leave out.
     dump_ir : path, optional
         A directory that receives the module after each pass.
+    calibration_data : path or iterable of dicts, optional
+        Calibration inputs for ``quantize="int8"`` (see :mod:`tvmq.calibration_data`).
+    qconfig : QConfig, optional
+        How ``quantize="int8"`` quantizes.
+    quantize_report : path, optional
+        A JSON file that receives the per-layer quantization report.
+    conv_algorithm : {"predict", "measure", "direct", "gemm", "winograd"}
+        How each float convolution's algorithm is chosen (see passes/conv_algorithm.py).
+    conv_overrides : mapping, optional
+        ONNX node name (or glob) -> algorithm, winning over ``conv_algorithm``.
 
     Returns
     -------
@@ -60,6 +80,10 @@ def compile(
         quantize=QuantizeMode(quantize) if quantize else QuantizeMode.NONE,
         disabled_passes=tuple(disabled_passes),
         tuning_records=tuning_records,
+        qconfig=qconfig,
+        calibration_data=calibration_data,
+        conv_algorithm=conv_algorithm,
+        conv_overrides=dict(conv_overrides or {}),
     )
     preset = targets.resolve(target)
     mod = model if isinstance(model, tvm.IRModule) else load(model, input_shapes)
@@ -68,6 +92,7 @@ def compile(
     tvm_target = preset.tvm_target()
     with tvm_target, tvm.transform.PassContext(opt_level=3):
         mod = run_passes(mod, passes, dump_ir)
+        report = QuantizationReport.from_module(mod)
         kernels = kernel_table(mod)
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
     manifest = {
@@ -81,10 +106,14 @@ def compile(
         "cpu_features": list(preset.required_cpu_features()),
         "inputs": [i.to_json() for i in inputs],
         "outputs": [o.to_json() for o in outputs],
-        "quantization": {"mode": config.quantize.value},
+        "quantization": {"mode": config.quantize.value, **report.summary()},
         "passes": [pass_name(p) for p in passes],
         "kernels": kernels,
+        "conv_algorithms": json.loads(str((mod.attrs or {}).get(CONV_ALGORITHMS_ATTR, "[]"))),
     }
+    if quantize_report is not None:
+        with open(quantize_report, "w") as handle:
+            json.dump(report.to_json(), handle, indent=2)
     return Artifact(executable, manifest)
 
 
@@ -96,6 +125,8 @@ def run_passes(mod: tvm.IRModule, passes, dump_ir=None) -> tvm.IRModule:
     for index, p in enumerate(passes, start=1):
         try:
             mod = p(mod)
+        except TvmqError:
+            raise  # bad user input (calibration data...) already has its one-line message
         except Exception as err:
             first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             raise PipelineError(
@@ -122,7 +153,7 @@ def describe_io(mod: tvm.IRModule) -> tuple[list[TensorInfo], list[TensorInfo]]:
     params = params[:num_input]
     input_names = list(attrs[INPUT_NAMES_ATTR]) if INPUT_NAMES_ATTR in attrs else []
     if len(input_names) != len(params):
-        input_names = [p.name_hint for p in params]
+        input_names = [p.name for p in params]
     inputs = [_tensor_info(str(n), p.ty) for n, p in zip(input_names, params, strict=True)]
     ret = main.ret_ty
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]

@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shapes", type=_input_shapes, default=None,
                    help='static input shapes: "name:1x3x224x224,other:1x10"')
     c.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "mixed"])
-    c.add_argument("--calibration-data", help="an .npz of calibration inputs")
+    c.add_argument("--calibration-data",
+                   help="an .npz (arrays named after the inputs) or a directory of .npz/.npy")
+    c.add_argument("--quantize-report", metavar="FILE.json",
+                   help="write the per-layer quantization report (scales, bits, SQNR)")
     c.add_argument("--tuning-records", help="a tvmq tune --records directory")
     c.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
                    help="leave a pass out of the pipeline (repeatable)")
@@ -136,6 +139,8 @@ def _compile(args) -> int:
         args.model,
         target=_target_arg(args.target),
         quantize=args.quantize,
+        calibration_data=args.calibration_data,
+        quantize_report=args.quantize_report,
         tuning_records=args.tuning_records,
         input_shapes=args.input_shapes,
         disabled_passes=args.disabled_pass,

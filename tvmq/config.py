@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from .errors import ConfigError
+from .passes.conv_algorithm import ConvAlgorithm, ConvPolicy
+from .qconfig import QConfig
 
 
 class QuantizeMode(StrEnum):
@@ -19,7 +23,9 @@ class QuantizeMode(StrEnum):
 
 
 # Modes whose passes exist in this version; the others are refused, never ignored.
-BUILT_QUANTIZE_MODES: frozenset[QuantizeMode] = frozenset({QuantizeMode.NONE})
+BUILT_QUANTIZE_MODES: frozenset[QuantizeMode] = frozenset(
+    {QuantizeMode.NONE, QuantizeMode.INT8}
+)
 
 
 @dataclass(frozen=True)
@@ -34,13 +40,34 @@ class CompileConfig:
         ``--disabled-pass``: names of pipeline passes to leave out.
     tuning_records : str, optional
         ``--tuning-records``: a meta_schedule database directory whose records apply.
+    qconfig : QConfig, optional
+        How ``--quantize int8`` quantizes (default ``QConfig()``).
+    calibration_data : path, iterable of dicts or CalibrationSet, optional
+        ``--calibration-data``: needed by ``--quantize int8``.
+    conv_algorithm : ConvPolicy
+        ``--conv-algorithm``: how each float convolution's algorithm is chosen.
+    conv_overrides : mapping of ONNX node name (or glob) to ConvAlgorithm
+        ``--conv-override NODE=ALGORITHM``: fixed choices that win over the policy.
     """
 
     quantize: QuantizeMode = QuantizeMode.NONE
     disabled_passes: tuple[str, ...] = field(default_factory=tuple)
     tuning_records: str | None = None
+    qconfig: QConfig | None = None
+    calibration_data: Any = None
+    conv_algorithm: ConvPolicy = ConvPolicy.PREDICT
+    conv_overrides: Mapping[str, ConvAlgorithm] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "conv_algorithm", ConvPolicy(self.conv_algorithm))
+            overrides = {str(k): ConvAlgorithm(v) for k, v in dict(self.conv_overrides).items()}
+            object.__setattr__(self, "conv_overrides", overrides)
+        except ValueError as err:
+            raise ConfigError(
+                f"{err}; --conv-algorithm is one of {', '.join(p.value for p in ConvPolicy)} "
+                f"and --conv-override takes {', '.join(a.value for a in ConvAlgorithm)}"
+            ) from None
         try:
             object.__setattr__(self, "quantize", QuantizeMode(self.quantize))
         except ValueError:

@@ -43,3 +43,22 @@ class CalibrationError(TvmqError):
 
 class NotBuiltError(TvmqError):
     """A feature that this version of tvmq does not provide yet."""
+
+
+class TuningError(TvmqError):
+    """A tuning run that cannot start or go on, or a tuning records directory it cannot use."""
+
+
+def _register_with_tvm_ffi() -> None:
+    # Errors raised inside a pass cross TVM's FFI; registered, they come back as themselves
+    # instead of a RuntimeError, so the CLI still reports them as one-line user errors.
+    import tvm_ffi
+
+    pending = [TvmqError]
+    while pending:
+        cls = pending.pop()
+        tvm_ffi.register_error(cls.__name__, cls)
+        pending.extend(cls.__subclasses__())
+
+
+_register_with_tvm_ffi()

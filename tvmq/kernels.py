@@ -70,6 +70,10 @@ def _algorithm(name: str, func: tirx.PrimFunc) -> str:
     attrs = func.attrs or {}
     if ALGORITHM_ATTR in attrs:
         return str(attrs[ALGORITHM_ATTR])
+    if "winograd" in name:
+        return "winograd"
+    if "conv2d_gemm" in name or "im2col" in name:
+        return "gemm"
     if "conv2d" in name:
         return "direct"
     if "matmul" in name or "dense" in name:

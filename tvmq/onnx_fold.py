@@ -5,6 +5,10 @@ Exported models often compute shapes at run time (``Shape -> Slice -> Concat -> 
 forms, so the frontend folds them before import: once every input shape is known, each
 ``Shape`` of a statically shaped tensor is a constant, and every node whose inputs are all
 constants is evaluated with ONNX's reference evaluator and replaced by an initializer.
+
+An inference ``Dropout`` whose mask nothing reads becomes the ``Identity`` it computes:
+the importer would otherwise compute an all-ones mask at run time, and the fused kernel
+that also writes that mask has two outputs, which schedule rules cannot tile.
 """
 
 from __future__ import annotations
@@ -37,17 +41,21 @@ def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         init.name: numpy_helper.to_array(init) for init in graph.initializer
     }
     opsets = list(model.opset_import)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     kept: list[onnx.NodeProto] = []
     folded: dict[str, np.ndarray] = {}
+    rewritten = False
     for node in graph.node:
         values = _fold_node(node, constants, static_shapes, opsets)
         if values is None:
-            kept.append(node)
+            identity = _dropout_as_identity(node, constants, read)
+            rewritten |= identity is not None
+            kept.append(identity or node)
             continue
         for name, value in zip([o for o in node.output if o], values, strict=True):
             constants[name] = value
             folded[name] = value
-    if not folded:
+    if not folded and not rewritten:
         return model
 
     still_used = {name for node in kept for name in node.input}
@@ -105,6 +113,18 @@ def _fold_node(node, constants, static_shapes, opsets) -> list[np.ndarray] | Non
     if any(np.asarray(v).size > _MAX_FOLDED_ELEMENTS for v in values):
         return None
     return [np.asarray(v) for v in values]
+
+
+def _dropout_as_identity(node, constants, read) -> onnx.NodeProto | None:
+    """An inference-mode Dropout whose mask output is unread, as an Identity; else None."""
+    if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.output) > 1 and node.output[1] in read:
+        return None
+    training = node.input[2] if len(node.input) > 2 else ""
+    if training and (training not in constants or np.asarray(constants[training]).any()):
+        return None
+    return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
 
 
 def _evaluate(node, constants, opsets) -> list[np.ndarray]:

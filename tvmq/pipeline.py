@@ -9,6 +9,7 @@ stages (quantization, algorithm choice, default schedules) add their passes here
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -19,10 +20,17 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 
 from . import targets
-from .config import CompileConfig
-from .errors import PipelineError
+from .config import CompileConfig, QuantizeMode
+from .conv_measure import measurer
+from .errors import ConfigError, PipelineError
+from .passes.annotate import AnnotateQuantization
+from .passes.calibrate import Calibrate
+from .passes.conv_algorithm import ChooseConvAlgorithm, ConvPolicy
 from .passes.kernel_origins import RecordKernelOrigins, TagOrigins
+from .passes.realize import RealizeQuantization
+from .qconfig import QConfig
 from .schedules import default_schedule_passes
+from .schedules.apply_records import ApplyTuningRecords
 
 # The TVM backend module whose stage functions lower a module for each target kind.
 _BACKENDS: dict[str, ModuleType] = {
@@ -56,12 +64,19 @@ def pipeline(
         relax.transform.CanonicalizeBindings(),
         # Weight-only subgraphs (transposes, reshapes, folded batch norms) become constants.
         relax.transform.FoldConstant(),
+        # INT8: annotate and calibrate need constant weights and must run before lowering.
+        *_quantization_passes(config),
+        # QDQ (ours, or a pre-quantized ONNX model's) becomes integer-only compute before
+        # LegalizeOps lowers it; a module without QDQ passes through unchanged.
+        RealizeQuantization(),
+        # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
+        _conv_algorithm_pass(preset, config),
         # Library dispatch, LegalizeOps, FuseOps and FuseTIR (plus dlight rules on GPUs);
         # around FuseOps, the ONNX nodes each kernel computes are recorded for reports.
         *backend.library_dispatch_passes(tvm_target),
         *_around_fuse_ops(backend.legalize_passes(tvm_target)),
         # Tuned schedules first; every kernel still unscheduled gets the target's default.
-        *_tuning_passes(config),
+        *_tuning_passes(config, tvm_target),
         *default_schedule_passes(tvm_target),
         *backend.dataflow_lower_passes(tvm_target),
         *backend.finalize_passes(tvm_target),
@@ -74,17 +89,45 @@ def pass_name(p: tvm.transform.Pass) -> str:
     return str(p.info.name)
 
 
+def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
+    policy = config.conv_algorithm
+    measure = None
+    if policy is ConvPolicy.MEASURE:
+        if preset.runs_here():
+            lone = dataclasses.replace(config, conv_algorithm=ConvPolicy.DIRECT, quantize="none")
+            measure = measurer(preset, lambda: pipeline(preset, lone))
+        else:
+            # A cross target cannot be timed here; its layers take the fitted rule.
+            policy = ConvPolicy.PREDICT
+    return ChooseConvAlgorithm(policy, overrides=config.conv_overrides, measure=measure)
+
+
 def _around_fuse_ops(passes: list[tvm.transform.Pass]) -> list[tvm.transform.Pass]:
     index = [pass_name(p) for p in passes].index("FuseOps")
     fuse_ops, rest = passes[index], passes[index + 1 :]
     return [*passes[:index], TagOrigins(), fuse_ops, RecordKernelOrigins(), *rest]
 
 
-def _tuning_passes(config: CompileConfig) -> list[tvm.transform.Pass]:
+def _quantization_passes(config: CompileConfig) -> list[tvm.transform.Pass]:
+    if config.quantize != QuantizeMode.INT8:
+        return []
+    if config.calibration_data is None:
+        raise ConfigError(
+            "--quantize int8 needs calibration data; pass --calibration-data FILE.npz "
+            "(arrays named after the model inputs, first axis = samples)"
+        )
+    qconfig = config.qconfig or QConfig()
+    return [
+        AnnotateQuantization(qconfig),
+        Calibrate(config.calibration_data, qconfig.calibration, percentile=qconfig.percentile),
+    ]
+
+
+def _tuning_passes(config: CompileConfig, target: tvm.target.Target) -> list[tvm.transform.Pass]:
     if config.tuning_records is None:
         return []
-    # Kernels with a tuned record in the database take its schedule.
-    return [relax.transform.MetaScheduleApplyDatabase(config.tuning_records)]
+    # Kernels with a tuned record take its schedule, once it is checked on random inputs.
+    return [ApplyTuningRecords(config.tuning_records, target)]
 
 
 def _without(passes: list[tvm.transform.Pass], disabled: tuple[str, ...]) -> list:

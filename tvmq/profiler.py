@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .frontend import random_inputs
-from .runtime import Model, host_cpu_features, load
+from .runtime import Model, load
+from .targets.preset import host_cpu_features
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 from .artifact import LIBRARY, check_members, read_manifest
 from .errors import ArtifactError, InputError
 from .frontend import TensorInfo, random_inputs
+from .targets.preset import host_cpu_features
 
 
 @dataclass(frozen=True)
@@ -174,16 +175,3 @@ def check_host(manifest: Mapping[str, Any], source: str) -> None:
                 f"'{source}' was built for an NVIDIA GPU (target {preset}) and no CUDA GPU is "
                 "visible here; run it on a machine with one"
             )
-
-
-def host_cpu_features() -> set[str]:
-    """The CPU feature flags Linux reports for this machine."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()

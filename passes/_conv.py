@@ -1,0 +1,69 @@
+"""What the convolution rewrites share: reading a conv2d call and its constant weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+
+@dataclass(frozen=True)
+class Conv2D:
+    """A float NCHW/OIHW conv2d whose weight is a constant."""
+
+    data: relax.Expr
+    weight: np.ndarray
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+    out_dtype: str
+    data_shape: tuple[int, ...]
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.weight.shape[2], self.weight.shape[3]
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        (_, _, h, w), (kh, kw) = self.data_shape, self.kernel
+        top, left, bottom, right = self.padding
+        oh = (h + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.strides[0] + 1
+        ow = (w + left + right - self.dilation[1] * (kw - 1) - 1) // self.strides[1] + 1
+        return oh, ow
+
+
+def read_conv2d(call: relax.Call, constants: dict | None = None) -> Conv2D | None:
+    """The conv2d a call computes, if it is a float NCHW conv2d with a constant weight."""
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", None) != "relax.nn.conv2d":
+        return None
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    data, weight = call.args
+    if isinstance(weight, relax.Var) and constants is not None:
+        weight = constants.get(weight, weight)
+    if not isinstance(weight, tvm.ir.expr.Constant):
+        return None
+    data_ty = data.ty
+    if not isinstance(data_ty, relax.TensorType) or data_ty.dtype not in ("float32", "float16"):
+        return None
+    try:
+        shape = tuple(int(d) for d in data_ty.shape.values)
+    except (TypeError, AttributeError):
+        return None
+    out_dtype = str(attrs.out_dtype)
+    if attrs.out_dtype is None or out_dtype in ("", "void", "None"):
+        out_dtype = str(data_ty.dtype)
+    return Conv2D(
+        data=data,
+        weight=weight.value.numpy(),
+        strides=tuple(int(s) for s in attrs.strides),
+        padding=tuple(int(p) for p in attrs.padding),
+        dilation=tuple(int(d) for d in attrs.dilation),
+        groups=int(attrs.groups),
+        out_dtype=out_dtype,
+        data_shape=shape,
+    )

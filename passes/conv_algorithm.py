@@ -1,0 +1,199 @@
+"""ChooseConvAlgorithm: pick direct, im2col+GEMM or Winograd for each convolution.
+
+Runs on the graph after batch-norm folding and quantization (integer convolutions are not
+touched: they keep the integer direct path) and before LegalizeOps. For each float conv2d
+the candidates are the algorithms that compute it; the choice is
+
+- ``measure``: each candidate is built on its own through the same pipeline and timed on
+  this machine (kept in a cache file, so a shape is measured once per target);
+- ``predict``: a rule fitted to such measurements (``bench/conv_algorithms.py`` checks it
+  against measurement): GEMM for strided or large-kernel convolutions, whose direct
+  kernel reads its input with gathers; direct otherwise;
+- or a fixed algorithm for every layer.
+
+Overrides by ONNX node name (exact or glob) win over the policy. The choices go on the
+module as ``tvmq.conv_algorithms`` for the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import tempfile
+from enum import StrEnum
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvmq.frontend import ORIGINS_ATTR
+
+from . import conv_to_gemm, winograd
+from ._conv import Conv2D
+
+CONV_ALGORITHMS_ATTR = "tvmq.conv_algorithms"
+
+
+class ConvAlgorithm(StrEnum):
+    DIRECT = "direct"
+    GEMM = "gemm"
+    WINOGRAD2 = "winograd2"
+    WINOGRAD4 = "winograd4"
+
+
+class ConvPolicy(StrEnum):
+    """``--conv-algorithm``: how each layer's algorithm is chosen."""
+
+    PREDICT = "predict"
+    MEASURE = "measure"
+    DIRECT = "direct"
+    GEMM = "gemm"
+    WINOGRAD = "winograd"
+
+
+def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
+    result = [ConvAlgorithm.DIRECT]
+    if conv_to_gemm.eligible(conv):
+        result.append(ConvAlgorithm.GEMM)
+    if winograd.eligible(conv):
+        result += [ConvAlgorithm.WINOGRAD2, ConvAlgorithm.WINOGRAD4]
+    return result
+
+
+def predict(conv: Conv2D) -> ConvAlgorithm:
+    """The rule: GEMM where the direct kernel gathers (stride > 1, kernels of 5 and up)."""
+    strided = conv.strides != (1, 1) or max(conv.kernel) >= 5
+    return ConvAlgorithm.GEMM if strided and conv_to_gemm.eligible(conv) else ConvAlgorithm.DIRECT
+
+
+def emit(builder: relax.BlockBuilder, conv: Conv2D, algorithm: ConvAlgorithm):
+    """The rewritten call for ``algorithm``, or None to keep the conv2d (direct)."""
+    if algorithm is ConvAlgorithm.GEMM:
+        return conv_to_gemm.emit_gemm(builder, conv)
+    if algorithm in (ConvAlgorithm.WINOGRAD2, ConvAlgorithm.WINOGRAD4):
+        tile_size = 2 if algorithm is ConvAlgorithm.WINOGRAD2 else 4
+        return winograd.emit_winograd(builder, conv, tile_size)
+    return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChooseConvAlgorithm")
+class ChooseConvAlgorithm:
+    """Choose and apply each float convolution's algorithm.
+
+    Parameters
+    ----------
+    policy : ConvPolicy
+    overrides : mapping of ONNX node name or glob to ConvAlgorithm
+    measure : callable, optional
+        ``measure(conv, algorithm) -> milliseconds``; needed by the ``measure`` policy.
+    """
+
+    def __init__(self, policy: ConvPolicy = ConvPolicy.PREDICT, *, overrides=None, measure=None):
+        self.policy = ConvPolicy(policy)
+        self.overrides = {k: ConvAlgorithm(v) for k, v in (overrides or {}).items()}
+        self.measure = measure
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        main = mod["main"]
+        nodes = binding_nodes(main)
+        records = []
+
+        def rewrite(builder, conv: Conv2D, name: str):
+            node = nodes.get(name, name)
+            options = candidates(conv)
+            times = {}
+            algorithm = self._override(node, options)
+            if algorithm is None:
+                if self.policy is ConvPolicy.MEASURE and self.measure is not None:
+                    times = {a.value: self.measure(conv, a) for a in options}
+                    algorithm = ConvAlgorithm(min(times, key=times.get))
+                elif self.policy is ConvPolicy.PREDICT or self.policy is ConvPolicy.MEASURE:
+                    algorithm = predict(conv)
+                else:
+                    algorithm = self._fixed(options)
+            records.append({
+                "node": str(node),
+                "input_shape": list(conv.data_shape),
+                "weight_shape": list(conv.weight.shape),
+                "strides": list(conv.strides),
+                "algorithm": algorithm.value,
+                "measured_ms": times,
+            })
+            return emit(builder, conv, algorithm)
+
+        mod = winograd.rewrite_convolutions(mod, rewrite)
+        return mod.with_attr(CONV_ALGORITHMS_ATTR, json.dumps(records))
+
+    def _override(self, node: str, options) -> ConvAlgorithm | None:
+        for pattern, algorithm in self.overrides.items():
+            if fnmatch.fnmatchcase(str(node), pattern):
+                if algorithm not in options:
+                    from tvmq.errors import ConfigError
+
+                    raise ConfigError(
+                        f"--conv-override {pattern}={algorithm.value}: node '{node}' cannot "
+                        f"use {algorithm.value}; it can use {', '.join(a.value for a in options)}"
+                    )
+                return algorithm
+        return None
+
+    def _fixed(self, options) -> ConvAlgorithm:
+        wanted = {
+            ConvPolicy.DIRECT: [ConvAlgorithm.DIRECT],
+            ConvPolicy.GEMM: [ConvAlgorithm.GEMM],
+            ConvPolicy.WINOGRAD: [ConvAlgorithm.WINOGRAD4, ConvAlgorithm.WINOGRAD2],
+        }[self.policy]
+        return next((a for a in wanted if a in options), ConvAlgorithm.DIRECT)
+
+
+def binding_nodes(main: relax.Function) -> dict[str, str]:
+    """Binding name -> ONNX node, renamed bindings taking the next known node's name."""
+    origins = dict((main.attrs or {}).get(ORIGINS_ATTR, {}))
+    names = [
+        b.var.name for block in getattr(main.body, "blocks", []) for b in block.bindings
+    ]
+    result, following = {}, None
+    for name in reversed(names):
+        node = origins.get(name)
+        following = str(node) if node is not None else following
+        if following is not None:
+            result[name] = following
+    return result
+
+
+class MeasurementCache:
+    """Milliseconds per (target, convolution, algorithm), kept in a JSON file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with open(path) as handle:
+                self.entries = dict(json.load(handle))
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def key(target: str, conv: Conv2D, algorithm: ConvAlgorithm) -> str:
+        return "|".join(map(str, (
+            target, conv.data_shape, conv.weight.shape, conv.strides, conv.padding,
+            conv.dilation, conv.groups, conv.out_dtype, algorithm.value,
+        )))
+
+    def get(self, key: str) -> float | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: float) -> None:
+        self.entries[key] = value
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=directory, suffix=".partial")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.entries, handle, indent=0)
+        os.replace(partial, self.path)
+
+
+def random_conv_input(conv: Conv2D) -> np.ndarray:
+    return np.random.default_rng(0).random(conv.data_shape, dtype=np.float32).astype(
+        str(conv.data.ty.dtype)
+    )

@@ -1,0 +1,386 @@
+"""RealizeQuantization: turn simulated quantization (QDQ) into integer-only compute.
+
+Runs after ``Calibrate`` (or on a pre-quantized ONNX QDQ model straight after import and
+``FoldConstant``) and before ``LegalizeOps``. Each ``quantize(op(dequantize(x), ...))``
+becomes the op on the integers: int8 x int8 -> int32 conv2d / matmul with the bias and the
+zero-point compensation folded into one int32 constant, then a requantize by a fixed-point
+multiplier and rounding right shift (no float inside a layer) and a saturating clamp that
+holds a folded ReLU / clip. Residual adds, concats and pools rescale in integers; max-pool
+and data movement work on the integers directly. A layer whose output feeds float ops
+(or is a model output) ends in one ``dequantize`` of its int32 accumulator. The QDQ pairs
+no pattern takes stay as they are: they are the float boundaries.
+
+Weights folded back to float (``FoldConstant`` after annotation, or ONNX QDQ models, whose
+weight ``DequantizeLinear`` folds on import) are quantized again symmetric per output
+channel, which recovers their integers exactly.
+
+``unsigned_activations=True`` keeps every activation in uint8 with its zero point shifted by
+128, the operand form x86 VNNI (u8 x s8) wants; the zero-point compensation in each layer's
+bias constant absorbs the shift, so the results are bit-identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import Constant
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+from ._qdq import (
+    QMAX,
+    QMIN,
+    REPORT_ATTR,
+    activation_bounds,
+    channel_shape,
+    clamp_cast,
+    const_value,
+    dequantize_pattern,
+    fixed_point,
+    i64,
+    quantize_pattern,
+    quantize_weight,
+    read_json_attr,
+    requantize,
+    rounding_shift,
+    scalar,
+    with_json_attr,
+)
+
+_POOL_OPS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d",
+             "relax.mean")
+_MOVE_OPS = ("relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
+             "relax.flatten")
+
+
+class _Patterns:
+    """The QDQ shapes realize rewrites; the rewriters read the matched pieces by name."""
+
+    def __init__(self) -> None:
+        self.x = wildcard()
+        self.dq_x = dequantize_pattern(self.x)
+        self.w_int = is_const()
+        self.w_dq = dequantize_pattern(self.w_int)
+        self.w_float = is_const()
+        weight = self.w_dq | self.w_float
+        self.conv = is_op("relax.nn.conv2d")(self.dq_x, weight)
+        self.matmul = is_op("relax.matmul")(self.dq_x, weight)
+        anchor = self.conv | self.matmul
+        self.bias = is_const()
+        self.biased = is_op("relax.add")(anchor, self.bias)
+        self.layer = self.biased | anchor
+        self.relu = is_op("relax.nn.relu")(self.layer)
+        self.clip = is_op("relax.clip")(self.layer, wildcard(), wildcard())
+        self.compute = quantize_pattern(self.relu | self.clip | self.layer)
+
+        self.dq_a, self.dq_b = dequantize_pattern(), dequantize_pattern()
+        add = is_op("relax.add")(self.dq_a, self.dq_b)
+        self.add_relu = is_op("relax.nn.relu")(add)
+        self.add_clip = is_op("relax.clip")(add, wildcard(), wildcard())
+        self.add = quantize_pattern(self.add_relu | self.add_clip | add)
+
+        self.concat_op = is_op("relax.concat")(wildcard())
+        self.concat = quantize_pattern(self.concat_op)
+
+        self.dq_in = dequantize_pattern()
+        self.pool_ops = {
+            name: is_op(name)(self.dq_in, varg_default_wildcard=True)
+            for name in _POOL_OPS + _MOVE_OPS
+        }
+        pooled = self.pool_ops[_POOL_OPS[0]]
+        for pattern in list(self.pool_ops.values())[1:]:
+            pooled = pooled | pattern
+        self.pool = quantize_pattern(pooled)
+
+
+@tvm.transform.module_pass(opt_level=0, name="RealizeQuantization")
+class RealizeQuantization:
+    """Rewrite QDQ patterns into integer-only kernels.
+
+    Parameters
+    ----------
+    unsigned_activations : bool
+        Keep activations in uint8 (zero point + 128) for u8 x s8 dot products (x86 VNNI).
+    """
+
+    def __init__(self, *, unsigned_activations: bool = False) -> None:
+        self.unsigned_activations = unsigned_activations
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        mod = mod.clone()
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
+                continue
+            new = _realize(func, self.unsigned_activations)
+            if not new.same_as(func):
+                mod[gv] = new
+        return mod
+
+
+def _realize(func: relax.Function, unsigned: bool) -> relax.Function:
+    if unsigned:
+        func = _to_unsigned(func)
+    p = _Patterns()
+    realized: list[str] = []
+    func = relax.dpl.rewrite_call(p.compute, _compute_rewriter(p, realized, True), func)
+    func = relax.dpl.rewrite_call(p.add, _add_rewriter(p, realized), func)
+    var2val = relax.analysis.get_var2val(func)
+    func = relax.dpl.rewrite_call(p.concat, _concat_rewriter(p, var2val, realized), func)
+    func = relax.dpl.rewrite_call(p.pool, _pool_rewriter(p, realized), func)
+    # Layers that end in float: first with their bias, then bare.
+    func = relax.dpl.rewrite_call(p.biased, _compute_rewriter(p, realized, False), func)
+    func = relax.dpl.rewrite_call(
+        p.conv | p.matmul, _compute_rewriter(p, realized, False), func
+    )
+    func = relax.analysis.remove_all_unused(func)
+    if realized:
+        report = read_json_attr(func, REPORT_ATTR, {})
+        report["realized"] = realized
+        report["unsigned_activations"] = unsigned
+        func = with_json_attr(func, REPORT_ATTR, report)
+    return func
+
+
+# ------------------------------------------------------------------------ activations
+
+
+def _to_unsigned(func: relax.Function) -> relax.Function:
+    """int8 activations -> uint8 with the zero point moved by 128 (weights stay int8)."""
+
+    def shift_zero(zero: relax.Expr) -> relax.Expr:
+        return relax.const(np.asarray(const_value(zero), "int32") + 128, "uint8")
+
+    def quantize(call, _m):
+        if call.attrs.out_dtype != "int8" or scalar(call.args[1]) is None:
+            return call
+        return relax.op.quantize(call.args[0], call.args[1], shift_zero(call.args[2]),
+                                 axis=call.attrs.axis, out_dtype="uint8")
+
+    def dequantize(call, _m):
+        data, zero = call.args[0], call.args[2]
+        if isinstance(data, Constant) or const_value(zero).dtype != np.int8:
+            return call
+        if scalar(call.args[1]) is None:
+            return call
+        return relax.op.dequantize(data, call.args[1], shift_zero(call.args[2]),
+                                   axis=call.attrs.axis, out_dtype=call.attrs.out_dtype)
+
+    func = relax.dpl.rewrite_call(quantize_pattern(), quantize, func)
+    return relax.dpl.rewrite_call(dequantize_pattern(), dequantize, func)
+
+
+def _input(dq: relax.Call) -> tuple[relax.Expr, float, int, str] | None:
+    """(integers, scale, zero point, dtype) of a per-tensor activation dequantize."""
+    data, scale, zero = dq.args
+    dtype = str(data.ty.dtype)
+    if dtype not in QMIN or scalar(scale) is None or scalar(zero) is None:
+        return None
+    return data, float(scalar(scale)), int(scalar(zero)), dtype
+
+
+def _output(q: relax.Call) -> tuple[float, int, str] | None:
+    dtype = str(q.attrs.out_dtype)
+    if dtype not in QMIN or scalar(q.args[1]) is None or scalar(q.args[2]) is None:
+        return None
+    return float(scalar(q.args[1])), int(scalar(q.args[2])), dtype
+
+
+def _rescale(x, scale, zero, out_scale, out_zero, dtype, in_dtype) -> relax.Expr:
+    """Integers at (scale, zero) -> integers at (out_scale, out_zero), exactly if equal."""
+    if np.float32(scale) == np.float32(out_scale) and zero == out_zero and dtype == in_dtype:
+        return x
+    acc = relax.op.subtract(relax.op.astype(x, "int32"), relax.const(zero, "int32"))
+    return requantize(acc, np.float64(scale) / out_scale, zero_point=out_zero,
+                      bounds=(QMIN[dtype], QMAX[dtype]), dtype=dtype)
+
+
+# ---------------------------------------------------------------------- conv / matmul
+
+
+def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool):
+    def rewrite(call: relax.Call, m) -> relax.Expr:
+        anchor = m.get(p.conv, m.get(p.matmul))
+        source = _input(m[p.dq_x])
+        output = _output(call) if quantized_output else (None, 0, "int32")
+        if anchor is None or source is None or output is None:
+            return call
+        x, sx, zx, _ = source
+        is_conv = p.conv in m
+        weights = _weights(m, p, channel_axis=0 if is_conv else 1)
+        if weights is None:
+            return call
+        w_int, w_scale = weights
+        channels = w_int.shape[0] if is_conv else w_int.shape[1]
+        acc_scale = np.float64(sx) * np.broadcast_to(w_scale.astype("float64"), (channels,))
+        w_sum = (w_int.reshape(channels, -1).sum(axis=1) if is_conv
+                 else w_int.sum(axis=0)).astype("int64")
+        constant = -zx * w_sum
+        if p.bias in m:
+            bias = np.broadcast_to(const_value(m[p.bias]).reshape(-1), (channels,))
+            constant = constant + np.round(bias / acc_scale).astype("int64")
+        constant = np.clip(constant, -(2**31), 2**31 - 1).astype("int32")
+        w_const = relax.const(w_int, "int8")
+        if is_conv:
+            acc = _int_conv(anchor, x, zx, w_const)
+        else:
+            acc = relax.op.matmul(x, w_const, out_dtype="int32")
+        ndim = len(anchor.ty.shape)
+        axis = 1 if is_conv else ndim - 1
+        acc = relax.op.add(acc, relax.const(channel_shape(constant, ndim, axis), "int32"))
+        realized.append(str(anchor.op.name).removeprefix("relax."))
+        if not quantized_output:
+            return relax.op.dequantize(
+                acc, relax.const(acc_scale.astype("float32"), "float32"),
+                relax.const(0, "int32"), axis=axis,
+            )
+        sy, zy, dtype = output
+        act = m.get(p.relu, m.get(p.clip))
+        return requantize(acc, acc_scale / sy, zero_point=zy,
+                          bounds=activation_bounds(act, sy, zy, dtype), dtype=dtype, axis=axis,
+                          ndim=ndim)
+
+    return rewrite
+
+
+def _weights(m, p: _Patterns, *, channel_axis: int):
+    """Integer weights and their scale(s), from a weight dequantize or a folded constant."""
+    if p.w_dq in m:
+        dq = m[p.w_dq]
+        if str(dq.args[0].ty.dtype) != "int8" or np.any(const_value(dq.args[2]) != 0):
+            return None  # asymmetric weights: no int8 kernel
+        return const_value(dq.args[0]), const_value(dq.args[1]).reshape(-1)
+    weight = const_value(m[p.w_float])
+    if weight.dtype != np.float32:
+        return None
+    return quantize_weight(weight, axis=channel_axis, bits=8)
+
+
+def _int_conv(conv: relax.Call, x: relax.Expr, zero: int, weight: relax.Expr) -> relax.Expr:
+    """The integer conv; padding holds the zero point (the real 0), not integer 0."""
+    attrs = conv.attrs
+    padding = [int(v) for v in attrs.padding]
+    if zero != 0 and any(padding):
+        top, left, bottom, right = padding
+        x = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
+        padding = [0, 0, 0, 0]
+    return relax.op.nn.conv2d(
+        x, weight, strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+        groups=attrs.groups, data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32",
+    )
+
+
+# ------------------------------------------------------------------------ add / concat
+
+
+def _add_rewriter(p: _Patterns, realized: list[str]):
+    def rewrite(call: relax.Call, m) -> relax.Expr:
+        ins = [_input(m[p.dq_a]), _input(m[p.dq_b])]
+        output = _output(call)
+        if None in ins or output is None:
+            return call
+        sy, zy, dtype = output
+        (a, sa, za, _), (b, sb, zb, _) = ins
+        # One shift for both terms, so the sum rounds once.
+        mult, shift = fixed_point(np.array([sa / sy, sb / sy]), common=True)
+        terms = [
+            relax.op.multiply(relax.op.subtract(relax.op.astype(v, "int64"), i64(z)), i64(k))
+            for v, z, k in ((a, za, mult[0]), (b, zb, mult[1]))
+        ]
+        total = rounding_shift(relax.op.add(*terms), shift[0])
+        act = m.get(p.add_relu, m.get(p.add_clip))
+        realized.append("add")
+        bounds = activation_bounds(act, sy, zy, dtype)
+        return clamp_cast(relax.op.add(total, i64(zy)), *bounds, dtype)
+
+    return rewrite
+
+
+def _concat_rewriter(p: _Patterns, var2val, realized: list[str]):
+    def rewrite(call: relax.Call, m) -> relax.Expr:
+        output = _output(call)
+        concat = m[p.concat_op]
+        if output is None or not isinstance(concat.args[0], relax.Tuple):
+            return call
+        sy, zy, dtype = output
+        fields = []
+        for field in concat.args[0].fields:
+            dq = _value(field, var2val)
+            if not _is_op(dq, "relax.dequantize") or _input(dq) is None:
+                return call
+            x, sx, zx, in_dtype = _input(dq)
+            fields.append(_rescale(x, sx, zx, sy, zy, dtype, in_dtype))
+        realized.append("concat")
+        return relax.op.concat(fields, axis=concat.attrs.axis)
+
+    return rewrite
+
+
+# ------------------------------------------------------------------ pools and moves
+
+
+def _pool_rewriter(p: _Patterns, realized: list[str]):
+    def rewrite(call: relax.Call, m) -> relax.Expr:
+        output = _output(call)
+        name = next((n for n, pattern in p.pool_ops.items() if pattern in m), None)
+        if name is None or output is None:
+            return call
+        op = m[p.pool_ops[name]]
+        source = _input(m[p.dq_in])
+        if source is None:
+            return call
+        x, sx, zx, in_dtype = source
+        sy, zy, dtype = output
+        if name == "relax.nn.max_pool2d" or name in _MOVE_OPS:
+            moved = relax.Call(op.op, [x, *op.args[1:]], op.attrs, op.ty_args)
+            if name == "relax.nn.max_pool2d" and str(op.attrs.layout) != "NCHW":
+                return call
+            realized.append(name.removeprefix("relax."))
+            return _rescale(moved, sx, zx, sy, zy, dtype, in_dtype)
+        summed, count = _int_sum(name, op, x, zx)
+        if summed is None:
+            return call
+        realized.append(name.removeprefix("relax."))
+        return requantize(summed, np.float64(sx) / (np.float64(sy) * count), zero_point=zy,
+                          bounds=(QMIN[dtype], QMAX[dtype]), dtype=dtype)
+
+    return rewrite
+
+
+def _int_sum(name: str, op: relax.Call, x: relax.Expr, zero: int):
+    """(sum of x - zero over each window as int32, window size) of an average."""
+    shape = [int(d) for d in op.args[0].ty.shape]
+    if name == "relax.mean":
+        axes = [int(a) % len(shape) for a in op.attrs.axis] if op.attrs.axis else list(
+            range(len(shape))
+        )
+        count = int(np.prod([shape[a] for a in axes]))
+        total = relax.op.sum(relax.op.astype(x, "int32"), axis=axes, keepdims=op.attrs.keepdims)
+    elif name == "relax.nn.adaptive_avg_pool2d":
+        if op.attrs.output_size is not None and any(int(v) != 1 for v in op.attrs.output_size):
+            return None, 0
+        count = shape[2] * shape[3]
+        total = relax.op.sum(relax.op.astype(x, "int32"), axis=[2, 3], keepdims=True)
+    else:  # avg_pool2d as a depthwise conv with a kernel of ones: exact window sums
+        attrs = op.attrs
+        padded = any(int(v) for v in attrs.padding)
+        if attrs.ceil_mode or (padded and not attrs.count_include_pad) or attrs.layout != "NCHW":
+            return None, 0
+        kh, kw = (int(v) for v in attrs.pool_size)
+        count = kh * kw
+        channels = shape[1]
+        ones = relax.const(np.ones((channels, 1, kh, kw), "int8"), "int8")
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        if any((top, left, bottom, right)):
+            x = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right],
+                                pad_value=float(zero))
+        total = relax.op.nn.conv2d(x, ones, strides=attrs.strides, dilation=attrs.dilation,
+                                   groups=channels, out_dtype="int32")
+    return relax.op.subtract(total, relax.const(count * zero, "int32")), count
+
+
+def _value(expr: relax.Expr, var2val) -> relax.Expr:
+    return var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
+
+def _is_op(expr: relax.Expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == name

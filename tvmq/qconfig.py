@@ -1,0 +1,188 @@
+"""Typed quantization options: what ``AnnotateQuantization`` and ``Calibrate`` are told.
+
+Layer names are the ones the quantization report lists (``conv2d_0``, ``add_1``, ...: the
+op name and its position among ops of that kind in ``main``); ``skip`` and ``overrides``
+match them, or op names (``nn.softmax``, ``conv2d``), exactly or as globs (``conv2d_*``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+from .errors import ConfigError
+
+
+class Granularity(StrEnum):
+    """How many scales a weight tensor gets."""
+
+    PER_CHANNEL = "per_channel"
+    PER_TENSOR = "per_tensor"
+
+
+class ActivationScheme(StrEnum):
+    """Symmetric: zero point 0. Asymmetric: the zero point shifts the range to fit it."""
+
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
+class CalibrationMethod(StrEnum):
+    """How a tensor's range is chosen from its calibration statistics."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    KL = "kl"
+    MSE = "mse"
+
+
+# Activations live in an int8 container and requantize clamps to its range; narrower
+# activations come with the INT4 mode, weights may already be narrower.
+_ACTIVATION_BITS = (8,)
+_WEIGHT_BITS = range(2, 9)
+
+
+def _enum(kind: type[StrEnum], value, flag: str) -> StrEnum:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(v.value for v in kind)
+        raise ConfigError(f"{flag} {value!r} is not valid; choose one of: {choices}") from None
+
+
+def _check_weight_bits(bits, where: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _WEIGHT_BITS:
+        raise ConfigError(f"{where} weight_bits={bits!r} is not valid; use an integer from 2 to 8")
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer settings that replace the ``QConfig`` defaults; ``None`` keeps the default."""
+
+    weight_bits: int | None = None
+    weight_granularity: Granularity | None = None
+    activation_scheme: ActivationScheme | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight_bits is not None:
+            _check_weight_bits(self.weight_bits, "override")
+        if self.weight_granularity is not None:
+            object.__setattr__(
+                self,
+                "weight_granularity",
+                _enum(Granularity, self.weight_granularity, "override weight_granularity"),
+            )
+        if self.activation_scheme is not None:
+            object.__setattr__(
+                self,
+                "activation_scheme",
+                _enum(ActivationScheme, self.activation_scheme, "override activation_scheme"),
+            )
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """How a model is quantized.
+
+    Attributes
+    ----------
+    weight_bits : int
+        Bits of the (symmetric) weights, 2 to 8; kept in int8 containers.
+    activation_bits : int
+        Bits of the activations (8).
+    weight_granularity : Granularity
+        One scale per output channel (default) or per tensor.
+    activation_scheme : ActivationScheme
+        Asymmetric (default: a ReLU output uses all 256 levels) or symmetric.
+    calibration : CalibrationMethod
+        How activation ranges are chosen.
+    percentile : float
+        For ``calibration="percentile"``: the share of |values| kept, in (50, 100].
+    skip : tuple of str
+        Layer names or op names (exact or glob) that stay float.
+    overrides : mapping of str to LayerOverride
+        Per-layer settings, keyed by layer name or glob.
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    weight_granularity: Granularity = Granularity.PER_CHANNEL
+    activation_scheme: ActivationScheme = ActivationScheme.ASYMMETRIC
+    calibration: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: float = 99.99
+    skip: tuple[str, ...] = ()
+    overrides: Mapping[str, LayerOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_weight_bits(self.weight_bits, "QConfig")
+        bits = self.activation_bits
+        if isinstance(bits, bool) or bits not in _ACTIVATION_BITS:
+            raise ConfigError(
+                f"QConfig activation_bits={bits!r} is not supported; use 8 "
+                "(narrower activations come with --quantize int4)"
+            )
+        object.__setattr__(
+            self, "weight_granularity",
+            _enum(Granularity, self.weight_granularity, "QConfig weight_granularity"),
+        )
+        object.__setattr__(
+            self, "activation_scheme",
+            _enum(ActivationScheme, self.activation_scheme, "QConfig activation_scheme"),
+        )
+        object.__setattr__(
+            self, "calibration", _enum(CalibrationMethod, self.calibration, "QConfig calibration")
+        )
+        percentile = self.percentile
+        if (
+            isinstance(percentile, bool)
+            or not isinstance(percentile, int | float)
+            or not math.isfinite(percentile)
+            or not 50.0 < percentile <= 100.0
+        ):
+            raise ConfigError(
+                f"QConfig percentile={percentile!r} is not valid; use a number in (50, 100], "
+                "e.g. 99.99"
+            )
+        if isinstance(self.skip, str):
+            raise ConfigError(
+                f"QConfig skip={self.skip!r} is a string; pass a tuple of names, "
+                f"e.g. skip=({self.skip!r},)"
+            )
+        skip = tuple(self.skip)
+        for name in skip:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"QConfig skip entry {name!r} is not a layer or op name")
+        object.__setattr__(self, "skip", skip)
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(
+                "QConfig overrides must map layer names to LayerOverride, "
+                "e.g. {'conv2d_0': LayerOverride(weight_bits=4)}"
+            )
+        for key, value in self.overrides.items():
+            if not isinstance(key, str) or not isinstance(value, LayerOverride):
+                raise ConfigError(
+                    f"QConfig overrides entry {key!r}: {value!r} is not a layer name mapped to "
+                    "a LayerOverride"
+                )
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
+    def skips(self, layer: str, op: str) -> bool:
+        """Whether ``skip`` names this layer or its op (``nn.conv2d`` or ``conv2d``)."""
+        names = (layer, op, op.rsplit(".", 1)[-1])
+        return any(fnmatch.fnmatchcase(n, pattern) for pattern in self.skip for n in names)
+
+    def for_layer(self, layer: str) -> tuple[int, Granularity, ActivationScheme]:
+        """Weight bits, weight granularity and activation scheme for one layer."""
+        bits, granularity, scheme = (
+            self.weight_bits, self.weight_granularity, self.activation_scheme
+        )
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                bits = override.weight_bits or bits
+                granularity = override.weight_granularity or granularity
+                scheme = override.activation_scheme or scheme
+        return bits, granularity, scheme
