@@ -39,8 +39,11 @@ def test_every_kernel_listed_and_mapped_to_onnx_nodes(digits_artifact, digits_pr
     )
     model.run(input=np.zeros((1, 1, 28, 28), np.float32))
     kernels = {s for s in called if not s.startswith("vm.")}
-    assert {r.name for r in digits_profile.rows} == kernels
-    for row in digits_profile.rows:
+    rows = [r for r in digits_profile.rows if r.algorithm != "runtime"]
+    assert {r.name for r in rows} == kernels
+    (runtime,) = [r for r in digits_profile.rows if r.algorithm == "runtime"]
+    assert runtime.calls > 0 and runtime.time_ms >= 0
+    for row in rows:
         assert row.nodes, f"kernel {row.name} maps to no ONNX node"
     nodes = {n for r in digits_profile.rows for n in r.nodes}
     assert {"/pool1/MaxPool", "/pool2/MaxPool", "/gap/GlobalAveragePool"} <= nodes
@@ -103,8 +106,11 @@ def test_cli_baseline_table(digits_artifact, tmp_path):
                     reason="needs Debian's chromium (make setup-system)")
 def test_html_renders_in_headless_chromium(digits_artifact, tmp_path):
     report = tmp_path / "report.html"
+    images, labels = digits_test_set()
+    np.savez(tmp_path / "eval.npz", input=images[:50], labels=labels[:50])
     tvmq_cli("profile", digits_artifact, "--repeat", "3", "--format", "html",
-             "-o", str(report), "--baseline", digits_artifact)
+             "-o", str(report), "--baseline", digits_artifact,
+             "--eval-data", str(tmp_path / "eval.npz"))
     text = report.read_text()
     assert text.count("data:image/png;base64,") == 2 and "<table id='kernels'>" in text
     shot = tmp_path / "shot.png"

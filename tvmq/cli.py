@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", help="write the report to this file")
     f.add_argument("--baseline", action="append", default=[], metavar="OTHER.tar",
                    help="profile another build of the same model and compare layer by layer")
+    f.add_argument("--eval-data", metavar="FILE.npz",
+                   help="inputs (first axis = samples) and 'labels': top-1 of each artifact")
     f.set_defaults(func=_profile)
 
     t = sub.add_parser("targets", parents=[common], help="list the target presets")
@@ -186,7 +188,7 @@ def _run(args) -> int:
 
 
 def _profile(args) -> int:
-    from .profiler import profile, write
+    from .profiler import profile, top1, write
     from .runtime import load
 
     model = load(args.artifact)
@@ -194,14 +196,20 @@ def _profile(args) -> int:
     result = profile(model, inputs=inputs, repeat=args.repeat)
     result = dataclasses.replace(result, artifact=args.artifact,
                                  size_bytes=os.path.getsize(args.artifact))
-    baselines = []
+    baselines, others = [], []
     for path in args.baseline:
         other = load(path)
+        others.append(other)
         baseline = profile(other, inputs=_inputs(args, other), repeat=args.repeat)
         baselines.append(
             dataclasses.replace(baseline, artifact=path, size_bytes=os.path.getsize(path))
         )
-    text = write(result, args.format, args.output, baselines)
+    accuracy = {}
+    if args.eval_data:
+        data = _read_npz(args.eval_data)
+        for path, loaded in [(args.artifact, model), *zip(args.baseline, others, strict=True)]:
+            accuracy[path] = top1(loaded, data, args.eval_data)
+    text = write(result, args.format, args.output, baselines, accuracy)
     if args.output:
         print(f"wrote {args.format} profile of {args.artifact} to {args.output}")
     else:

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import statistics
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -112,7 +113,7 @@ def profile(
     model = artifact if isinstance(artifact, Model) else load(artifact)
     source = "model" if isinstance(artifact, Model) else os.fspath(artifact)
     feed = dict(inputs) if inputs is not None else random_inputs(model.inputs)
-    calls = _record_calls(model, feed)
+    calls, runtime_ms, runtime_calls = _record_calls(model, feed, repeat)
     per_kernel: dict[str, list[float]] = {}
     for symbol, args in calls:
         timer = _module_with(model.library, symbol).time_evaluator(
@@ -120,7 +121,7 @@ def profile(
         )
         per_kernel.setdefault(symbol, []).append(statistics.median(timer(*args).results) * 1e3)
     end_to_end = model.benchmark(repeat=repeat, number=max(1, 10), inputs=feed).median_ms
-    kernels_ms = sum(sum(times) for times in per_kernel.values())
+    kernels_ms = sum(sum(times) for times in per_kernel.values()) + runtime_ms
     peaks = peak_gops(model.manifest)
     table = model.manifest.get("kernels", {})
     rows = []
@@ -145,27 +146,66 @@ def profile(
                 algorithm=info.get("algorithm", "-"),
             )
         )
+    rows.append(
+        KernelRow(
+            name="(VM runtime: allocation, shape checks)",
+            calls=runtime_calls,
+            time_ms=runtime_ms,
+            share=runtime_ms / kernels_ms if kernels_ms else 0.0,
+            ops=0, bytes=0, throughput_gops=0.0, peak_fraction=0.0,
+            nodes=(), precision="-", algorithm="runtime",
+        )
+    )
     size = os.path.getsize(source) if os.path.isfile(source) else 0
     target = model.manifest.get("target", {}).get("preset", "?")
     return Profile(source, target, tuple(rows), end_to_end, kernels_ms, peaks, size)
 
 
-def _record_calls(model: Model, feed) -> list[tuple[str, tuple]]:
-    """Every kernel call of one run, with its arguments, in order."""
-    calls = []
+def _record_calls(model: Model, feed, repeat: int):
+    """Every kernel call of one run with its arguments, in order; and the time the VM's own
+    builtins (allocation, shape checks, reshapes) take per run.
+
+    Builtins are timed where they run, between the instrument's before and after calls,
+    less the instrument's own cost, measured on ``vm.builtin.null_value``, which does
+    nothing.
+    """
+    calls: list[tuple[str, tuple]] = []
+    builtin_runs: list[dict[str, float]] = []
+    state: dict = {}
 
     def instrument(_func, symbol, before_run, _ret, *args):
-        if before_run and not str(symbol).startswith("vm."):
-            calls.append((str(symbol), args))
+        symbol = str(symbol)
+        if not symbol.startswith("vm."):
+            if before_run and state.get("record"):
+                calls.append((symbol, args))
+            return 0
+        if before_run:
+            state["start"] = time.perf_counter()
+        else:
+            elapsed = time.perf_counter() - state["start"]
+            run = builtin_runs[-1]
+            run[symbol] = run.get(symbol, 0.0) + elapsed
+            run["#calls"] = run.get("#calls", 0) + 1
+            if symbol == "vm.builtin.null_value":
+                run["#null"] = run.get("#null", 0) + 1
+                run["#null_s"] = run.get("#null_s", 0.0) + elapsed
         return 0
 
     model.run(**feed)  # warm up: first-run allocation is not what a kernel costs
     model.vm.set_instrument(instrument)
     try:
-        model.run(**feed)
+        for index in range(max(3, min(repeat, 10))):
+            state["record"] = index == 0
+            builtin_runs.append({})
+            model.run(**feed)
     finally:
         model.vm.set_instrument(_no_instrument)
-    return calls
+    totals = []
+    for run in builtin_runs:
+        overhead = run.get("#null_s", 0.0) / run["#null"] if run.get("#null") else 0.0
+        total = sum(v for k, v in run.items() if not k.startswith("#"))
+        totals.append(max(0.0, total - overhead * run.get("#calls", 0)))
+    return calls, statistics.median(totals) * 1e3, int(builtin_runs[0].get("#calls", 0))
 
 
 def _module_with(library, symbol: str):
@@ -205,12 +245,32 @@ def _clock_ghz() -> float:
     return 2.0
 
 
-def write(profile_: Profile, fmt: str, path: str | None = None, baselines=()) -> str:
+def top1(model: Model, data: Mapping[str, np.ndarray], source: str = "eval data") -> float:
+    """Top-1 accuracy of ``model`` on ``data``: arrays named after the inputs (first axis =
+    samples, each sample run alone as the artifact's batch) and integer ``labels``."""
+    from .errors import InputError
+
+    if "labels" not in data:
+        raise InputError(f"{source} has no 'labels' array; add the true class of each sample")
+    labels = np.asarray(data["labels"])
+    hits = 0
+    for index, label in enumerate(labels):
+        feed = {i.name: np.asarray(data[i.name][index : index + 1]) for i in model.inputs
+                if i.name in data}
+        (scores, *_) = model.run(**feed).values()
+        hits += int(np.argmax(scores) == label)
+    return hits / max(len(labels), 1)
+
+
+def write(profile_: Profile, fmt: str, path: str | None = None, baselines=(),
+          accuracy: Mapping[str, float] | None = None) -> str:
     """Render a profile (and optional baseline profiles) as table, json, csv or html."""
     from .report import comparison_table, html_report
 
     if fmt == "json":
         data = profile_.to_json()
+        if accuracy:
+            data["accuracy"] = dict(accuracy)
         if baselines:
             data["baselines"] = [b.to_json() for b in baselines]
             data["comparison"] = [asdict(r) for r in _pairs(profile_, baselines[0])]
@@ -218,7 +278,7 @@ def write(profile_: Profile, fmt: str, path: str | None = None, baselines=()) ->
     elif fmt == "csv":
         text = profile_.to_csv()
     elif fmt == "html":
-        text = html_report(profile_, baselines)
+        text = html_report(profile_, baselines, dict(accuracy or {}))
     else:
         text = profile_.to_table()
         for baseline in baselines:

@@ -43,7 +43,8 @@ def pair_layers(profile: Profile, baseline: Profile) -> list[LayerPair]:
         for row in prof.rows:
             key = (side, row.name)
             find(key)
-            for node in row.nodes:
+            # A row that covers no ONNX node (the VM runtime row) pairs with its namesake.
+            for node in row.nodes or (f"#{row.name}",):
                 if node in owner:
                     parent[find(key)] = find(owner[node])
                 else:
@@ -55,6 +56,7 @@ def pair_layers(profile: Profile, baseline: Profile) -> list[LayerPair]:
     pairs = []
     for members in groups.values():
         nodes = tuple(dict.fromkeys(n for _, row in members for n in row.nodes))
+        nodes = nodes or (members[0][1].name,)
         pairs.append(
             LayerPair(
                 nodes=nodes,
