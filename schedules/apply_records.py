@@ -106,10 +106,11 @@ def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
 
 
 def _as_replacement(original: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc):
-    # The workload was normalized with a global symbol and noalias; the module's own function
-    # keeps its attributes, so lowering and AttachGlobalSymbol treat it as before.
+    # The workload was normalized (global symbol "main", tvmq.* attributes dropped): the
+    # kernel keeps its own attributes, so lowering and reports see it as before.
     func = scheduled
-    for key in ("global_symbol", "tirx.noalias"):
-        if key in (func.attrs or {}) and key not in (original.attrs or {}):
-            func = func.without_attr(key)
+    if "global_symbol" not in (original.attrs or {}):
+        func = func.without_attr("global_symbol")
+    for key, value in (original.attrs or {}).items():
+        func = func.with_attr(str(key), value)
     return func.with_attr("tirx.is_scheduled", True)

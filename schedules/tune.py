@@ -13,12 +13,16 @@ with a TVM tracker (``python -m tvm.exec.rpc_tracker`` / ``rpc_server``).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import tvm
 from tvm.ir.utils import derived_object
@@ -93,7 +97,7 @@ def tune(
     rpc: RPCTracker | None = None,
     config: CompileConfig | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    progress: TextIO | None = sys.stderr,
+    progress: bool = True,
 ) -> TuneResult:
     """Tune a model's kernels for a target, appending measurements to ``records``.
 
@@ -116,8 +120,8 @@ def tune(
         The graph passes to tune after (quantization, disabled passes).
     input_shapes : mapping, optional
         Static shapes for inputs with symbolic dimensions (only with a file path).
-    progress : text stream, optional
-        Where one line per measured round goes; None for silence.
+    progress : bool
+        Write a line per measured round to stderr: kernel, trials, best latency, ETA.
     """
     if trials < 1:
         raise ConfigError(f"--trials {trials} must be at least 1")
@@ -134,33 +138,41 @@ def tune(
     start = time.perf_counter()
     with locked(records):
         database = open_database(records)
-        tracker = _Progress(found, _budgets(found, trials), records, early_stopping, progress)
-        cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=_cores())
-        builder = ms.builder.LocalBuilder(max_workers=1, f_build=_build_function())
-        for index, kernel in enumerate(found):
-            remaining = tracker.start(index)
-            if remaining == 0:
-                continue
-            context = ms.TuneContext(
-                mod=kernel.workload,
-                target=tune_target,
-                space_generator="post-order-apply",
-                search_strategy="evolutionary",
-                task_name=kernel.name,
-                num_threads=_cores(),
-            ).clone()
-            ms.task_scheduler.TaskScheduler.create("round-robin").tune(
-                tasks=[context],
-                task_weights=[1.0],
-                max_trials_global=remaining,
-                max_trials_per_task=remaining,
-                num_trials_per_iter=min(TRIALS_PER_ROUND, remaining),
-                builder=builder,
-                runner=runner,
-                measure_callbacks=[*ms.MeasureCallback.create("default"), _Callback(tracker)],
-                database=database,
-                cost_model=cost_model,
+        stream = sys.stderr if progress else None
+        tracker = _Progress(found, _budgets(found, trials), records, early_stopping, stream)
+        cost_model = _XGBModel(num_tuning_cores=_cores())
+        builder = _Builder()
+        try:
+            with _stop_on_ctrl_c(tracker):
+                for index, kernel in enumerate(found):
+                    remaining = tracker.start(index)
+                    if tracker.stop_requested:
+                        raise KeyboardInterrupt
+                    if remaining:
+                        scheduler = ms.task_scheduler.TaskScheduler.create("round-robin")
+                        scheduler.tune(
+                            tasks=[_context(kernel, tune_target, remaining)],
+                            task_weights=[1.0],
+                            max_trials_global=remaining,
+                            max_trials_per_task=remaining,
+                            num_trials_per_iter=min(TRIALS_PER_ROUND, remaining),
+                            builder=builder,
+                            runner=runner,
+                            measure_callbacks=[
+                                *ms.MeasureCallback.create("default"),
+                                _Callback(tracker),
+                            ],
+                            database=database,
+                            cost_model=cost_model,
+                        )
+                if tracker.stop_requested:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            tracker.say(
+                f"interrupted: every measured round is kept in '{records}'; run the same "
+                "command again to continue"
             )
+            raise
     return tracker.result(time.perf_counter() - start)
 
 
@@ -180,6 +192,50 @@ def _fused(model, preset, config: CompileConfig, input_shapes) -> tvm.IRModule:
         return run_passes(mod, passes[: last + 1])
 
 
+def _context(kernel: Kernel, target: tvm.target.Target, remaining: int) -> ms.TuneContext:
+    return ms.TuneContext(
+        mod=kernel.workload,
+        target=target,
+        space_generator="post-order-apply",
+        search_strategy=_search(min(TRIALS_PER_ROUND, remaining)),
+        task_name=kernel.name,
+        num_threads=_cores(),
+    ).clone()
+
+
+@contextmanager
+def _stop_on_ctrl_c(tracker: _Progress) -> Iterator[None]:
+    """The first Ctrl-C stops after the round being measured, whose records then reach the
+    file; a second one ends the process at once, as a kill would. (A KeyboardInterrupt
+    raised inside meta_schedule's C++ loop can abort the interpreter.)"""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def handler(_signum, _frame):
+        if tracker.stop_requested:
+            tracker.say("stopped at once; the records file keeps every finished round")
+            os._exit(130)
+        tracker.stop_requested = True
+        tracker.say("stopping after this round (Ctrl-C again to stop at once)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _search(per_round: int) -> ms.search_strategy.EvolutionarySearch:
+    # meta_schedule evolves 512 candidates to pick 64 per round; keep that ratio, so a
+    # kernel with a handful of trials does not pay for a search sized for hundreds.
+    population = min(512, max(32, 8 * per_round))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, population // 2)
+    )
+
+
 def _tuning_target(target: tvm.target.Target) -> tvm.target.Target:
     # meta_schedule's CPU rules size parallel loops by the target's core count.
     if target.kind.name != "llvm" or "num-cores" in target.attrs:
@@ -195,19 +251,6 @@ def _budgets(found: Sequence[Kernel], trials: int) -> list[int]:
     # Kernels come largest first, so the remainder goes to the ones that matter most.
     share, extra = divmod(trials, len(found))
     return [share + (1 if index < extra else 0) for index in range(len(found))]
-
-
-def _build_function():
-    # LocalBuilder's default build imports every tensor intrinsic in each fresh worker
-    # (minutes on a busy machine); traces arrive already tensorized, so the build needs
-    # none. A nested function travels to the worker by value, without importing tvmq.
-    def build(mod, target, _params):
-        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-        return tvm.tirx.build(mod, target=target)
-
-    return build
 
 
 def _runner(rpc: RPCTracker | None) -> ms.runner.Runner:
@@ -244,6 +287,55 @@ def _free_servers(rpc: RPCTracker) -> int:
     return int(free)
 
 
+@derived_object
+class _Builder(ms.builder.PyBuilder):
+    """Builds candidates in this process.
+
+    LocalBuilder starts a fresh process pool for every round, and each worker imports TVM
+    and every tensor intrinsic (seconds to minutes on a busy 2-core machine) to compile
+    kernels that take milliseconds. A candidate that crashes the compiler ends the run;
+    its records so far are kept and the next run continues.
+    """
+
+    def build(self, build_inputs):
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+        from tvm.support.tar import tar
+
+        results = []
+        for build_input in build_inputs:
+            try:
+                mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(build_input.mod)
+                library = tvm.tirx.build(mod, target=build_input.target)
+                path = os.path.join(tempfile.mkdtemp(prefix="tvmq-tune-"), "kernel.tar")
+                library.export_library(path, fcompile=tar)
+                results.append(ms.builder.BuilderResult(path, None))
+            except Exception as err:
+                results.append(ms.builder.BuilderResult(None, f"build failed: {err}"))
+        return results
+
+
+@derived_object
+class _XGBModel(ms.cost_model.XGBModel._cls):
+    """meta_schedule's XGBoost cost model, not trained while its predictions go unused.
+
+    XGBModel predicts at random until it holds ``num_warmup_samples`` measurements but
+    retrains after every round regardless (seconds each); training starts once the data
+    would be used.
+    """
+
+    def update(self, context, candidates, results) -> None:
+        warming = self.data_size + len(candidates) < self.num_warmup_samples
+        saved = self.adaptive_training, self.last_train_size
+        if warming:
+            # XGBModel skips a retrain when little data arrived since the last one.
+            self.adaptive_training, self.last_train_size = True, float("inf")
+        try:
+            super().update(context, candidates, results)
+        finally:
+            if warming:
+                self.adaptive_training, self.last_train_size = saved
+
+
 class _Progress:
     """Trial counts, best latencies and the ETA; one line per measured round."""
 
@@ -259,6 +351,7 @@ class _Progress:
         self.before = [len(s) for s in self.seconds]
         self.started = time.perf_counter()
         self.current = 0
+        self.stop_requested = False
 
     def start(self, index: int) -> int:
         """Trials kernel ``index`` still has to run (0: skip it, and say why)."""
@@ -315,12 +408,17 @@ class _Progress:
         total = sum(self.budgets)
         return f"all {total - left}/{total}  {_clock(elapsed)} elapsed  ETA {eta}"
 
+    def say(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write(f"tune: {text}\n")
+            self.stream.flush()
+
     def _line(self, text: str) -> None:
         if self.stream is None:
             return
         index = self.current
         best = self._best_ms(index)
-        best_text = f"best {best:.4f} ms" if best is not None else "best -"
+        best_text = f"best {best:.4g} ms" if best is not None else "best -"
         self.stream.write(
             f"tune [{index + 1}/{len(self.found)}] {self.found[index].name}  {best_text}  {text}\n"
         )
@@ -339,7 +437,7 @@ class _Callback(ms.measure_callback.PyMeasureCallback):
             sum(float(s) for s in r.run_secs) / len(r.run_secs) if r.run_secs else None
             for r in runner_results
         ]
-        if self.tracker.add(results):
+        if self.tracker.add(results) or self.tracker.stop_requested:
             task_scheduler.terminate_task(task_id)
 
 

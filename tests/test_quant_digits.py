@@ -95,19 +95,40 @@ def test_report_lists_every_layer_and_the_manifest_keeps_a_summary(int8_build):
 
 def test_onnx_qdq_model_realizes_integer_only(ort_int8_model, held_out, tmp_path):
     images, labels = held_out
-    artifact = tvmq.compile(ort_int8_model)
+    images, labels = images[:300], labels[:300]
     realized = tvmq.QuantizationReport.from_module(_realized_module(ort_int8_model)).realized
     assert realized.count("nn.conv2d") == 5 and "matmul" in realized
-    session = ort.InferenceSession(ort_int8_model, providers=["CPUExecutionProvider"])
-    ours = _tvmq_accuracy(artifact, tmp_path, "qdq", images[:300], labels[:300])
-    theirs = _accuracy(lambda x: session.run(None, {"input": x})[0], images[:300], labels[:300])
-    assert abs(ours - theirs) <= 0.5
+    artifact = tvmq.compile(ort_int8_model)
+    path = tmp_path / "qdq.tar"
+    artifact.export(path)
+    ours = tvmq.runtime.load(path)
+    # ORT without graph optimizations runs the QDQ graph as written: the reference semantics
+    # (its fused QLinear kernels, on by default, round differently).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ort_int8_model, options, providers=["CPUExecutionProvider"])
+    step = _output_step(ort_int8_model)
+    worst = max(
+        float(np.abs(ours.run(input=images[i : i + 1])["logits"]
+                     - session.run(None, {"input": images[i : i + 1]})[0]).max())
+        for i in range(len(labels))
+    )
+    assert worst <= step * 1.0001
+
+
+def _output_step(path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and n.output[0] == "logits")
+    return float(inits[node.input[1]])
 
 
 def _realized_module(path):
     import tvm
-
-    from tvmq.passes import RealizeQuantization
 
     passes = tvmq.pipeline("x86")
     names = [p.info.name for p in passes]

@@ -7,11 +7,11 @@ import pytest
 import tvm
 from numpy.lib.stride_tricks import sliding_window_view
 from tvm import relax
-
-from tvmq.errors import CalibrationError
 from tvmq.passes import AnnotateQuantization, Calibrate, RealizeQuantization
 from tvmq.passes._observe import build
 from tvmq.passes._qdq import fixed_point
+
+from tvmq.errors import CalibrationError
 
 RNG = np.random.default_rng(7)
 SX, ZX = 0.05, -7  # input scale / zero point
@@ -38,7 +38,6 @@ def _conv_int(x, w, pad, zero, stride=1, groups=1):
     """sum((x - zero) * w) over each window, x padded with zero (the real 0)."""
     x = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (pad, pad), (pad, pad)],
                constant_values=zero) - zero
-    n, c, _, _ = x.shape
     o, cg, kh, kw = w.shape
     windows = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
     out = []

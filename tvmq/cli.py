@@ -70,6 +70,26 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="the artifact to write (.tar)")
     c.set_defaults(func=_compile)
 
+    u = sub.add_parser("tune", parents=[common], help="tune a model's kernels for a target")
+    u.add_argument("model", help="the .onnx file")
+    u.add_argument("--target", default="x86", help="a preset (tvmq targets) or a JSON dict")
+    u.add_argument("--input-shapes", type=_input_shapes, default=None,
+                   help='static input shapes: "name:1x3x224x224,other:1x10"')
+    u.add_argument("--quantize", default="none", help="as for compile: none, int8, ...")
+    u.add_argument("--calibration-data", help="as for compile, with --quantize int8")
+    u.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
+                   help="as for compile: tune the kernels that build makes")
+    u.add_argument("--trials", type=_positive, required=True,
+                   help="measurements in all, shared by the kernels")
+    u.add_argument("--records", required=True, metavar="DIR",
+                   help="the records directory: created, or continued where a run stopped")
+    u.add_argument("--early-stopping", type=_positive, metavar="N",
+                   help="stop a kernel after N measurements without a new best")
+    u.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on the RPC servers of this TVM tracker")
+    u.add_argument("--rpc-key", metavar="KEY", help="the key the RPC servers registered")
+    u.set_defaults(func=_tune)
+
     r = sub.add_parser("run", parents=[common], help="run an artifact")
     r.add_argument("artifact")
     source = r.add_mutually_exclusive_group()
@@ -80,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--repeat", type=_positive, default=10)
     r.add_argument("--number", type=_positive, default=5)
     r.add_argument("--benchmark-json", help="write latency statistics to this JSON file")
+    r.add_argument("--emulate", action="store_true",
+                   help="run an aarch64 artifact here under qemu-aarch64 (numbers, not timing)")
     r.set_defaults(func=_run)
 
     f = sub.add_parser("profile", parents=[common], help="time each kernel of an artifact")
@@ -158,14 +180,56 @@ def _compile(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from .config import CompileConfig
+    from .schedules.tune import RPCTracker, tune
+
+    if args.calibration_data and args.quantize == "none":
+        raise ConfigError("--calibration-data is only used with --quantize int8, int4 or mixed")
+    if args.rpc_key and not args.rpc_tracker:
+        raise ConfigError("--rpc-key needs --rpc-tracker HOST:PORT")
+    rpc = RPCTracker.parse(args.rpc_tracker, args.rpc_key or "") if args.rpc_tracker else None
+    config = CompileConfig(
+        quantize=args.quantize,
+        calibration_data=args.calibration_data,
+        disabled_passes=args.disabled_pass,
+    )
+    result = tune(
+        args.model,
+        target=_target_arg(args.target),
+        records=args.records,
+        trials=args.trials,
+        early_stopping=args.early_stopping,
+        rpc=rpc,
+        config=config,
+        input_shapes=args.input_shapes,
+    )
+    width = max(len(k.name) for k in result.kernels)
+    print(f"{'kernel':<{width}}  trials  best (ms)")
+    for k in result.kernels:
+        best = f"{k.best_ms:.4g}" if k.best_ms is not None else "-"
+        print(f"{k.name:<{width}}  {k.trials:>6}  {best:>9}")
+    print(
+        f"measured {result.measured_now} schedules in {result.seconds:.1f} s -> {args.records} "
+        f"(compile with --tuning-records {args.records})"
+    )
+    return 0
+
+
 def _target_arg(text: str):
     return json.loads(text) if text.lstrip().startswith("{") else text
 
 
 def _run(args) -> int:
+    from .emulate import load_emulated
     from .runtime import load
 
-    model = load(args.artifact)
+    if args.emulate and (args.print_time or args.benchmark_json):
+        raise ConfigError(
+            "--print-time and --benchmark-json time qemu, not the model: timing under "
+            "emulation is meaningless; run the artifact on an aarch64 board to time it"
+        )
+    model = load_emulated(args.artifact) if args.emulate else load(args.artifact)
     inputs = _inputs(args, model)
     outputs = model.run(**inputs)
     if args.outputs:

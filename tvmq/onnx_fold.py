@@ -13,6 +13,8 @@ that also writes that mask has two outputs, which schedule rules cannot tile.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
@@ -23,9 +25,10 @@ _NEVER_FOLD = {
     "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
     "Bernoulli", "If", "Loop", "Scan", "DequantizeLinear", "QuantizeLinear",
 }
-# A folded tensor bigger than this stays a computation: folding would bloat the model file
-# (a Tile or Expand of a weight) for no gain in what the importer accepts.
-_MAX_FOLDED_ELEMENTS = 1 << 20
+# A folded tensor bigger than this (128 MB of float32) stays a computation. Below it, numpy
+# folds weights computed at run time (ConstantOfShape, Tile, Transpose of a constant) far
+# faster than TVM's FoldConstant, which compiles a kernel for each.
+_MAX_FOLDED_ELEMENTS = 1 << 25
 
 
 def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -45,7 +48,17 @@ def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     kept: list[onnx.NodeProto] = []
     folded: dict[str, np.ndarray] = {}
     rewritten = False
+    consumers = Counter(name for node in graph.node for name in node.input)
+    consumers.update(o.name for o in graph.output)
     for node in graph.node:
+        if _fold_batch_norm(node, kept, constants, consumers, folded):
+            rewritten = True
+            continue
+        affine = _batch_norm_as_affine(node, constants, static_shapes, folded)
+        if affine:
+            kept.extend(affine)
+            rewritten = True
+            continue
         values = _fold_node(node, constants, static_shapes, opsets)
         if values is None:
             identity = _dropout_as_identity(node, constants, read)
@@ -76,6 +89,73 @@ def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.input[:]
     graph.input.extend(inputs)
     return model
+
+
+def _fold_batch_norm(node, kept, constants, consumers, folded) -> bool:
+    """Fold an inference BatchNormalization into the Conv before it, in numpy.
+
+    W' = W * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * that + beta. The
+    Conv keeps its name and takes over the batch norm's output. TVM's own folding builds a
+    kernel for every constant op it folds, which costs minutes on deep networks.
+    """
+    factors = _batch_norm_factors(node, constants)
+    if factors is None:
+        return False
+    x = node.input[0]
+    if consumers[x] != 1:
+        return False
+    conv = next((k for k in reversed(kept) if x in k.output), None)
+    if conv is None or conv.op_type != "Conv" or conv.input[1] not in constants:
+        return False
+    factor, shift = factors
+    weight = constants[conv.input[1]]
+    bias = constants[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else 0.0
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    new_weight = (weight * factor.reshape(shape)).astype(weight.dtype)
+    new_bias = (bias * factor + shift).astype(weight.dtype)
+    prefix = conv.name or conv.output[0]
+    folded[f"{prefix}.bn_folded_weight"] = new_weight
+    folded[f"{prefix}.bn_folded_bias"] = new_bias
+    constants[f"{prefix}.bn_folded_weight"] = new_weight
+    constants[f"{prefix}.bn_folded_bias"] = new_bias
+    del conv.input[1:]
+    conv.input.extend([f"{prefix}.bn_folded_weight", f"{prefix}.bn_folded_bias"])
+    conv.output[0] = node.output[0]
+    return True
+
+
+def _batch_norm_factors(node, constants) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) of an inference BatchNormalization with constant parameters."""
+    if node.op_type != "BatchNormalization" or len([o for o in node.output if o]) != 1:
+        return None
+    params = list(node.input[1:])
+    if len(params) != 4 or any(p not in constants for p in params):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("training_mode", 0):
+        return None
+    gamma, beta, mean, var = (constants[p].astype(np.float64) for p in params)
+    scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    return scale, beta - mean * scale
+
+
+def _batch_norm_as_affine(node, constants, static_shapes, folded) -> list | None:
+    """A batch norm not after a conv as Mul and Add by constants computed here."""
+    factors = _batch_norm_factors(node, constants)
+    shape = static_shapes.get(node.input[0])
+    if factors is None or shape is None or len(shape) < 2:
+        return None
+    dtype = constants[node.input[1]].dtype
+    broadcast = (-1,) + (1,) * (len(shape) - 2)
+    prefix = node.name or node.output[0]
+    names = (f"{prefix}.scale", f"{prefix}.shift", f"{prefix}.scaled")
+    for name, value in zip(names, factors, strict=False):
+        folded[name] = value.reshape(broadcast).astype(dtype)
+        constants[name] = folded[name]
+    return [
+        helper.make_node("Mul", [node.input[0], names[0]], [names[2]], name=f"{prefix}/mul"),
+        helper.make_node("Add", [names[2], names[1]], [node.output[0]], name=prefix),
+    ]
 
 
 def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:

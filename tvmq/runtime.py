@@ -159,7 +159,9 @@ def check_host(manifest: Mapping[str, Any], source: str) -> None:
     if arch != machine:
         raise ArtifactError(
             f"'{source}' was built for {arch} (target {preset}) but this machine is {machine}; "
-            f"run it on an {arch} machine or recompile with --target x86"
+            f"run it on an {arch} machine"
+            + (", or under qemu with tvmq run --emulate" if arch == "aarch64" else "")
+            + ", or recompile with --target x86"
         )
     missing = sorted(set(manifest.get("cpu_features", [])) - host_cpu_features())
     if missing:
