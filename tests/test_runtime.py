@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import reference, relative_error
+from tvmq.targets.preset import host_cpu_features
 
 import tvmq
 from tvmq.errors import ArtifactError, InputError
-from tvmq.targets.preset import host_cpu_features
 
 
 def test_roundtrip_matches_onnxruntime(tiny_artifact, tiny_model_path):
