@@ -19,6 +19,9 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 # Function attributes written by the passes (JSON strings: plain data that passes keep).
 QPOINTS_ATTR = "tvmq.qpoints"
 REPORT_ATTR = "tvmq.quantization"
+# Written by SelectBits, read by AnnotateQuantization: per layer, the chosen weight bits and
+# the costs they were chosen by.
+BITS_ATTR = "tvmq.weight_bits"
 
 QMIN = {"int8": -128, "uint8": 0}
 QMAX = {"int8": 127, "uint8": 255}

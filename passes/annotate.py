@@ -24,10 +24,12 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 from ..errors import PipelineError
 from ..qconfig import ActivationScheme, Granularity, QConfig
 from ._qdq import (
+    BITS_ATTR,
     QPOINTS_ATTR,
     REPORT_ATTR,
     placeholder_scale,
     quantize_weight,
+    read_json_attr,
     with_json_attr,
 )
 
@@ -95,6 +97,7 @@ class AnnotateQuantization:
         annotated = _Annotator(plan, mod).visit_expr(main)
         annotated = with_json_attr(annotated, QPOINTS_ATTR, plan.points)
         annotated = with_json_attr(annotated, REPORT_ATTR, plan.report())
+        annotated = annotated.without_attr(BITS_ATTR)
         mod = mod.clone()
         mod["main"] = annotated
         return mod
@@ -116,6 +119,8 @@ class _Plan:
 
     def __init__(self, func: relax.Function, qconfig: QConfig) -> None:
         self.qconfig = qconfig
+        # Bits chosen by SelectBits (mixed INT4/INT8); per-layer overrides still win.
+        self.allocation: dict[str, dict] = read_json_attr(func, BITS_ATTR, {})
         self.layers: dict[relax.Call, _Layer] = {}
         self.float_ops: list[dict] = []
         self.points: list[dict] = []
@@ -231,14 +236,24 @@ class _Plan:
 
     def weight(self, layer: _Layer) -> tuple[np.ndarray, np.ndarray, int | None]:
         bits, granularity, _ = self.qconfig.for_layer(layer.name)
+        chosen = self.allocation.get(layer.name)
+        if chosen is not None and self.qconfig.override_bits(layer.name) is None:
+            bits = int(chosen["bits"])
         weight = layer.call.args[layer.weight_arg].value.numpy()
         axis = layer.weight_axis if granularity == Granularity.PER_CHANNEL else None
         q, scale = quantize_weight(weight, axis=axis, bits=bits)
+        macs = weight_macs(layer.call)
         layer.record.update(
             weight_bits=bits,
             weight_granularity=granularity.value,
             weight_scales=[float(s) for s in scale],
+            # Realize stores weights that fit in 4 bits two per byte.
+            weight_bytes=(weight.size + 1) // 2 if bits <= 4 else weight.size,
+            macs=macs,
+            bops=macs * bits * self.qconfig.activation_bits,
         )
+        if chosen is not None:
+            layer.record.update({k: v for k, v in chosen.items() if k != "bits"})
         return q, scale, axis
 
     def report(self) -> dict:
@@ -298,6 +313,14 @@ class _Annotator(relax.PyExprMutator):
             q = self.builder_.emit(relax.op.quantize(self.visit_expr(var), scale, zero))
             self.dequantized[var] = self.builder_.emit(relax.op.dequantize(q, scale, zero))
         return self.dequantized[var]
+
+
+def weight_macs(call: relax.Call) -> int:
+    """Multiply-accumulates of a conv2d (OIHW weights) or matmul ([K, N] weights) call."""
+    out = int(np.prod([int(d) for d in call.ty.shape]))
+    weight = [int(d) for d in call.args[1].ty.shape]
+    per_output = int(np.prod(weight[1:])) if len(weight) == 4 else weight[0]
+    return out * per_output
 
 
 def _dtype(expr: relax.Expr) -> str | None:

@@ -12,7 +12,12 @@ no pattern takes stay as they are: they are the float boundaries.
 
 Weights folded back to float (``FoldConstant`` after annotation, or ONNX QDQ models, whose
 weight ``DequantizeLinear`` folds on import) are quantized again symmetric per output
-channel, which recovers their integers exactly.
+channel, which recovers their integers exactly (at 4 bits when they sit on a 4-bit grid).
+
+Integer weights that fit in int4 ([-8, 7]: a layer annotated with ``weight_bits=4``) are
+stored packed two per byte and widened inside the layer's kernel (see ``_int4.py``): one TE
+compute, unpack then integer conv2d / matmul, added to the module and called with
+``call_tir``, so the artifact holds half the weight bytes.
 
 ``unsigned_activations=True`` keeps every activation in uint8 with its zero point shifted by
 128, the operand form x86 VNNI (u8 x s8) wants; the zero-point compensation in each layer's
@@ -23,10 +28,11 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, topi
 from tvm.ir.expr import Constant
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from ._int4 import conv2d_int4, fits_int4, matmul_int4, pack_int4
 from ._qdq import (
     QMAX,
     QMIN,
@@ -108,29 +114,56 @@ class RealizeQuantization:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         mod = mod.clone()
+        kernels = _Kernels({gv.name_hint for gv in mod.get_global_vars()})
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
-            new = _realize(func, self.unsigned_activations)
+            new = _realize(func, self.unsigned_activations, kernels)
             if not new.same_as(func):
                 mod[gv] = new
+        for gv, prim in kernels.added:
+            mod[gv] = prim
         return mod
 
 
-def _realize(func: relax.Function, unsigned: bool) -> relax.Function:
+class _Kernels:
+    """The int4 kernels (unpack fused into conv / matmul) realize adds to the module."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = taken
+        self.builder = relax.BlockBuilder()  # gives each GlobalVar its function type
+        self.added: list[tuple[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]] = []
+
+    def add(self, name: str, prim) -> tvm.ir.GlobalVar:
+        index = 0
+        while f"{name}_{index}" in self.taken:
+            index += 1
+        name = f"{name}_{index}"
+        prim = prim.with_attr("global_symbol", name)
+        gv = self.builder.add_func(prim, name)
+        self.taken.add(gv.name_hint)
+        self.added.append((gv, prim))
+        return gv
+
+
+def _realize(
+    func: relax.Function, unsigned: bool, kernels: _Kernels | None = None
+) -> relax.Function:
     if unsigned:
         func = _to_unsigned(func)
     p = _Patterns()
     realized: list[str] = []
-    func = relax.dpl.rewrite_call(p.compute, _compute_rewriter(p, realized, True), func)
+    kernels = kernels or _Kernels(set())
+    func = relax.dpl.rewrite_call(p.compute, _compute_rewriter(p, realized, True, kernels), func)
     func = relax.dpl.rewrite_call(p.add, _add_rewriter(p, realized), func)
     var2val = relax.analysis.get_var2val(func)
     func = relax.dpl.rewrite_call(p.concat, _concat_rewriter(p, var2val, realized), func)
     func = relax.dpl.rewrite_call(p.pool, _pool_rewriter(p, realized), func)
     # Layers that end in float: first with their bias, then bare.
-    func = relax.dpl.rewrite_call(p.biased, _compute_rewriter(p, realized, False), func)
+    func = relax.dpl.rewrite_call(p.biased, _compute_rewriter(p, realized, False, kernels),
+                                  func)
     func = relax.dpl.rewrite_call(
-        p.conv | p.matmul, _compute_rewriter(p, realized, False), func
+        p.conv | p.matmul, _compute_rewriter(p, realized, False, kernels), func
     )
     func = relax.analysis.remove_all_unused(func)
     if realized:
@@ -197,7 +230,8 @@ def _rescale(x, scale, zero, out_scale, out_zero, dtype, in_dtype) -> relax.Expr
 # ---------------------------------------------------------------------- conv / matmul
 
 
-def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool):
+def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool,
+                      kernels: _Kernels):
     def rewrite(call: relax.Call, m) -> relax.Expr:
         anchor = m.get(p.conv, m.get(p.matmul))
         source = _input(m[p.dq_x])
@@ -220,7 +254,12 @@ def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool)
             constant = constant + np.round(bias / acc_scale).astype("int64")
         constant = np.clip(constant, -(2**31), 2**31 - 1).astype("int32")
         w_const = relax.const(w_int, "int8")
-        if is_conv:
+        if fits_int4(w_int):
+            # INT4 weights: stored two per byte, unpacked inside the kernel.
+            # The zero point's dtype is the activation's (uint8 after _to_unsigned).
+            x_dtype = str(m[p.dq_x].args[2].value.dtype)
+            acc = _int4_kernel(anchor, x, zx, x_dtype, w_int, kernels)
+        elif is_conv:
             acc = _int_conv(anchor, x, zx, w_const)
         else:
             acc = relax.op.matmul(x, w_const, out_dtype="int32")
@@ -252,7 +291,40 @@ def _weights(m, p: _Patterns, *, channel_axis: int):
     weight = const_value(m[p.w_float])
     if weight.dtype != np.float32:
         return None
+    # INT4 weights folded to float (q * scale) come back exactly at 4 bits: keep them int4.
+    q4, s4 = quantize_weight(weight, axis=channel_axis, bits=4)
+    shape = [1] * weight.ndim
+    shape[channel_axis] = -1
+    if np.allclose(q4 * s4.reshape(shape), weight, rtol=1e-6, atol=0):
+        return q4, s4
     return quantize_weight(weight, axis=channel_axis, bits=8)
+
+
+def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
+                 w_int: np.ndarray, kernels: _Kernels) -> relax.Expr:
+    """``call_tir`` of one TE kernel: unpack the int4 weights, then the integer conv/matmul."""
+    x_shape = [int(d) for d in x.ty.shape]
+    x_te = te.placeholder(x_shape, x_dtype, name="x")
+    packed = pack_int4(w_int)
+    w_te = te.placeholder([packed.size], "uint8", name="w_packed")
+    if anchor.op.name == "relax.nn.conv2d":
+        attrs = anchor.attrs
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        # Padding holds the zero point (the real 0), as in _int_conv.
+        padded = topi.nn.pad(x_te, [0, 0, top, left], [0, 0, bottom, right], pad_value=zero) \
+            if any((top, left, bottom, right)) else x_te
+        out = conv2d_int4(
+            padded, w_te, weight_shape=w_int.shape, strides=[int(s) for s in attrs.strides],
+            padding=[0, 0, 0, 0], dilation=[int(d) for d in attrs.dilation],
+            groups=int(attrs.groups),
+        )
+        name = "conv2d_int4"
+    else:
+        out = matmul_int4(x_te, w_te, weight_shape=w_int.shape)
+        name = "matmul_int4"
+    gv = kernels.add(name, te.create_prim_func([x_te, w_te, out], index_dtype_override="int64"))
+    out_ty = relax.TensorType([int(d) for d in out.shape], "int32")
+    return relax.call_tir(gv, [x, relax.const(packed, "uint8")], out_ty)
 
 
 def _int_conv(conv: relax.Call, x: relax.Expr, zero: int, weight: relax.Expr) -> relax.Expr:

@@ -66,6 +66,9 @@ class ApplyTuningRecords:
             tuned = self._tuned(gv.name_hint, func, database)
             if tuned is not None:
                 updates[gv] = tuned
+        if not updates:
+            return mod
+        mod = mod.clone()  # the module a pass is given is not its to change
         for gv, func in updates.items():
             mod[gv] = func
         return mod

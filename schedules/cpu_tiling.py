@@ -60,11 +60,13 @@ def tile_accumulation(sch: s_tir.Schedule, main, epilogue: list, target: Target)
     epilogue = [sch.cache_write(main, 0, "local"), *epilogue]
     for block in epilogue[:-1]:
         sch.compute_inline(block)
-    tile_loop = _tile(sch, main, lanes, num_vector_registers(target))
-    if tile_loop is None:
+    tiled = _tile(sch, main, lanes, num_vector_registers(target))
+    if tiled is None:
         return False
+    tile_loop, vectorized = tiled
     sch.reverse_compute_at(epilogue[-1], tile_loop)
-    schedule_tile_epilogue(sch, epilogue[-1], lanes)
+    if vectorized:
+        schedule_tile_epilogue(sch, epilogue[-1], lanes)
     return True
 
 
@@ -137,4 +139,4 @@ def _tile(sch: s_tir.Schedule, block, lanes: int, registers: int):
         sch.vectorize(inner[-1])
     # The accumulator tile is zeroed once per tile, outside the reduction loops.
     sch.decompose_reduction(block, reduction[0])
-    return tile_loop
+    return tile_loop, vec_factor > 1

@@ -43,7 +43,10 @@ from tvm.s_tir.dlight.gpu.matmul import (
 from tvm.target import Target
 
 _WARP = 32
-_VECTOR_BYTES = 16  # one 128-bit load per thread when staging into shared memory
+# Elements one thread copies per load when staging into shared memory. Wider vectors hit
+# CUDA codegen bugs in 0.27: 8 x int8 zero padding prints make_int2 with 8 arguments, and
+# an 8 x float16 gather (a K-major operand) prints make_uint4 with 8 halves.
+_VECTOR_LANES = 4
 # (inputs, accumulator) pairs that the WMMA 16x16x16 intrinsics cover.
 _WMMA_DTYPES = {("float16", "float32"), ("float16", "float16"), ("int8", "int32")}
 
@@ -65,15 +68,15 @@ class Tile:
 
 
 def choose_tile(extents: tuple[int, int, int], micro: tuple[int, int, int]) -> Tile:
-    """The largest tile (up to 4x2 warps of 2x2 fragments, 4 K steps) the problem fills."""
+    """The largest tile (up to 4 x 2 warps of 2 x 2 fragments, 4 K steps) the problem fills."""
 
-    def split(extent: int, size: int) -> tuple[int, int]:
-        for warps, frags in ((4, 2), (2, 2), (2, 1), (1, 1)):
-            if warps * frags * size <= max(extent, size):
-                return warps, frags
-        raise AssertionError("unreachable")
+    def split(extent: int, size: int, shapes) -> tuple[int, int]:
+        return next(s for s in shapes if s[0] * s[1] * size <= max(extent, size))
 
-    (wi, fi), (wj, fj) = split(extents[0], micro[0]), split(extents[1], micro[1])
+    # At most 128 x 64 outputs per block: their int32 / fp32 staging tile (34 KiB) then
+    # fits in static shared memory, see stage_wmma.
+    wi, fi = split(extents[0], micro[0], ((4, 2), (2, 2), (2, 1), (1, 1)))
+    wj, fj = split(extents[1], micro[1], ((2, 2), (2, 1), (1, 1)))
     k_steps = next(s for s in (4, 2, 1) if s * micro[2] <= max(extents[2], micro[2]))
     return Tile(wi, fi, wj, fj, k_steps)
 
@@ -147,26 +150,28 @@ def schedule_wmma(sch: s_tir.Schedule, block, dtypes: tuple[str, str], tile: Til
 
     in_dtype, out_dtype = dtypes
     intrins = get_wmma_intrin_group(
-        load_scope="shared.dyn", store_scope="shared.dyn",
+        load_scope="shared.dyn", store_scope="shared",
         in_dtype=in_dtype, out_dtype=out_dtype, trans_b=True,
     )
     elem_bytes = 2 if in_dtype == "float16" else 1
-    stage_wmma(sch, block, (16, 16, 16), tile, intrins, _VECTOR_BYTES // elem_bytes,
-               pad=16 // elem_bytes)
+    sch.pad_einsum(block, tile.pad((16, 16, 16)))
+    stage_wmma(sch, block, (16, 16, 16), tile, intrins, _VECTOR_LANES, pad=16 // elem_bytes)
 
 
 def stage_wmma(sch: s_tir.Schedule, block, micro, tile: Tile, intrins: dict[str, str],
-               vector: int, pad: int) -> None:
+               vector: int, pad: int, fragments=None, packing: int = 1) -> None:
     """The shared schedule of every WMMA kernel: tiles, staging, fragments, tensorize.
 
-    ``intrins`` names the init / load_a / load_b / compute / store intrinsics; ``vector``
-    is how many input elements one thread copies per load and ``pad`` the row padding
-    (elements) of the shared-memory tiles, which keeps fragment loads free of bank
-    conflicts.
+    ``block`` is a matmul block over [S, I, J, K] (or [I, J, K]) whose extents are whole
+    tiles (``sch.pad_einsum`` first otherwise). ``intrins`` names the init / load_a /
+    load_b / compute / store intrinsics; ``vector`` is how many input elements one thread
+    copies per load and ``pad`` the row padding (elements) of the shared-memory tiles,
+    which keeps fragment loads free of bank conflicts. ``fragments(sch, outer)`` returns
+    the blocks that fill the A and B fragments (default: copies of the inputs); their
+    first input is staged in shared memory, ``packing`` elements to a stored element.
     """
     m, n, k = micro
-    sch.pad_einsum(block, tile.pad(micro))
-    batch, i, j, kk = sch.get_loops(block)
+    *batch, i, j, kk = sch.get_loops(block)
     i, i_inner = sch.split(i, [None, m])
     j, j_inner = sch.split(j, [None, n])
     kk, k_inner = sch.split(kk, [None, k])
@@ -178,20 +183,22 @@ def stage_wmma(sch: s_tir.Schedule, block, micro, tile: Tile, intrins: dict[str,
     j0, j1, j2, j3 = sch.split(j, [1, None, tile.warps_j, tile.frags_j])
     k0, k1 = sch.split(kk, [None, tile.k_steps])
     sch.reorder(i0, j0, i1, j1, j2, i2, k0, k1, i3, j3)
-    sch.bind(batch, "blockIdx.z")
+    if batch:
+        sch.bind(batch[0], "blockIdx.z")
     sch.bind(sch.fuse(i0, j0), "blockIdx.x")
     sch.bind(sch.fuse(i1, j1), "blockIdx.y")
     thread_y = sch.fuse(j2, i2)
     sch.bind(thread_y, "threadIdx.y")
     warps = tile.warps_i * tile.warps_j
+    rows_a, rows_b = m * tile.warps_i * tile.frags_i, n * tile.warps_j * tile.frags_j
 
-    def fetch_to_shared(index: int, rows: int):
-        copy = sch.cache_read(block_outer, index, "shared.dyn")
+    def fetch(consumer, rows: int, cols: int):
+        copy = sch.cache_read(consumer, 0, "shared.dyn")
         sch.compute_at(copy, k0)
         fused = sch.fuse(*sch.get_loops(copy)[-2:])
         # Every thread copies whole vectors: no predicate on a vectorized loop.
         lanes = vector
-        while lanes > 1 and (rows * k * tile.k_steps) % (warps * _WARP * lanes):
+        while lanes > 1 and (rows * cols) % (warps * _WARP * lanes):
             lanes //= 2
         _, ty, tx, vec = sch.split(fused, [None, warps, _WARP, lanes])
         sch.bind(tx, "threadIdx.x")
@@ -200,28 +207,33 @@ def stage_wmma(sch: s_tir.Schedule, block, micro, tile: Tile, intrins: dict[str,
         sch.storage_align(copy, 0, axis=-2, factor=2 * pad, offset=pad)
         sch.annotate(copy, "tirx.manifest_shared_memory_local_stage", 1)
         sch.annotate(copy, "double_buffer_scope", 0)
+        auto_inline_producers(sch, copy)
         return copy
 
-    a_shared = fetch_to_shared(0, m * tile.warps_i * tile.frags_i)
-    b_shared = fetch_to_shared(1, n * tile.warps_j * tile.frags_j)
-    auto_inline_producers(sch, a_shared)
-    auto_inline_producers(sch, b_shared)
-
-    a_frag = sch.cache_read(block_outer, 0, "wmma.matrix_a")
-    b_frag = sch.cache_read(block_outer, 1, "wmma.matrix_b")
+    if fragments is None:
+        a_frag = sch.cache_read(block_outer, 0, "wmma.matrix_a")
+        b_frag = sch.cache_read(block_outer, 1, "wmma.matrix_b")
+    else:
+        a_frag, b_frag = fragments(sch, block_outer)
     sch.compute_at(a_frag, k1)
     sch.compute_at(b_frag, k1)
-    out_shared = sch.cache_write(block_outer, 0, "shared.dyn")
-    sch.storage_align(out_shared, 0, -2, 16, 4)
+    fetch(a_frag, rows_a, k * tile.k_steps // packing)
+    fetch(b_frag, rows_b, k * tile.k_steps // packing)
+    # The accumulators go out through static shared memory: in the dynamic pool,
+    # MergeSharedMemoryAllocations (0.27) may hand the store a float16 / int8 alias of
+    # the region it reuses, which LowerIntrin then rejects ("tvm_access_ptr element type
+    # must match the source buffer").
+    out_shared = sch.cache_write(block_outer, 0, "shared")
     store = sch.cache_write(block_outer, 0, "wmma.accumulator")
+    sch.storage_align(store, 0, -2, 16, 4)
     sch.reverse_compute_at(store, thread_y)
     sch.reverse_compute_at(out_shared, thread_y)
-    _tile_2d(sch, store, m, n)
+    tile_2d(sch, store, m, n)
     init = sch.decompose_reduction(block_outer, k0)
 
-    _tile_2d(sch, a_frag, m, k, unroll=True)
+    tile_2d(sch, a_frag, m, k, unroll=True)
     sch.tensorize(sch.get_loops(a_frag)[-2], intrins["load_a"])
-    _tile_2d(sch, b_frag, n, k, unroll=True)
+    tile_2d(sch, b_frag, n, k, unroll=True)
     sch.tensorize(sch.get_loops(b_frag)[-2], intrins["load_b"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrins["init"])
     sch.tensorize(sch.get_loops(store)[-2], intrins["store"])
@@ -249,7 +261,7 @@ def sm_version(target: Target) -> int:
     return int(digits) if digits.isdigit() else -1
 
 
-def _tile_2d(sch: s_tir.Schedule, block, rows: int, cols: int, unroll: bool = False) -> None:
+def tile_2d(sch: s_tir.Schedule, block, rows: int, cols: int, unroll: bool = False) -> None:
     i, j = sch.get_loops(block)[-2:]
     i0, i1 = sch.split(i, [None, rows])
     j0, j1 = sch.split(j, [None, cols])

@@ -50,19 +50,30 @@ def _with_logits_output(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _assert_matches_onnxruntime(model: onnx.ModelProto, path, tmp_path) -> None:
-    """Compile ``path`` (a file holding ``model``) for x86, run it, compare every output."""
+def _assert_matches_onnxruntime(model: onnx.ModelProto, path, tmp_path, *, cli_run=False):
+    """Compile ``path`` (a file holding ``model``) for x86, run it, compare every output;
+    with ``cli_run`` the same artifact also runs through ``tvmq run`` and is compared."""
     artifact = tmp_path / "model.tar"
     tvmq.compile(str(path), target="x86").export(artifact)
     compiled = tvmq.runtime.load(artifact)
     inputs = _random_inputs(model)
-    actual = compiled.run(**inputs)
+    runs = [compiled.run(**inputs)]
+    if cli_run:
+        np.savez(tmp_path / "in.npz", **inputs)
+        subprocess.run(
+            [sys.executable, "-m", "tvmq", "run", str(artifact), "--inputs",
+             str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz")],
+            check=True, capture_output=True, timeout=600,
+        )
+        with np.load(tmp_path / "out.npz") as data:
+            runs.append({name: data[name] for name in data.files})
     names = [o.name for o in model.graph.output]
-    assert list(actual) == names
-    for name, expected in zip(names, reference(model, inputs), strict=True):
-        assert actual[name].shape == expected.shape, name
-        error = relative_error(actual[name], expected)
-        assert error <= TOLERANCE, f"output '{name}': relative error {error:.2e}"
+    for actual in runs:
+        assert list(actual) == names
+        for name, expected in zip(names, reference(model, inputs), strict=True):
+            assert actual[name].shape == expected.shape, name
+            error = relative_error(actual[name], expected)
+            assert error <= TOLERANCE, f"output '{name}': relative error {error:.2e}"
 
 
 def test_light_zoo_is_there():
@@ -74,7 +85,7 @@ def test_light_zoo_matches_onnxruntime(name, tmp_path):
     model = _with_logits_output(onnx.load(LIGHT_ZOO[name]))
     path = tmp_path / f"{name}.onnx"
     onnx.save(model, path)
-    _assert_matches_onnxruntime(model, path, tmp_path)
+    _assert_matches_onnxruntime(model, path, tmp_path, cli_run=True)
 
 
 REFERENCE_MODELS = {

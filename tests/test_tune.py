@@ -17,8 +17,9 @@ import tvm
 from conftest import reference, relative_error, tiny_cnn
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
+from tvmq.schedules.progress import Progress
 from tvmq.schedules.records import RECORDS, load_database, locked, measurements, open_database
-from tvmq.schedules.tune import RPCTracker, _Progress, tune
+from tvmq.schedules.tune import RPCTracker, tune
 from tvmq.schedules.workloads import Kernel
 
 import tvmq
@@ -207,7 +208,7 @@ def test_an_unreachable_tracker_is_reported(tiny_model_path, tmp_path):
 
 def test_early_stopping_stops_a_kernel_without_a_new_best():
     kernel = Kernel("k", tvm.IRModule(), "0", 0.0)
-    progress = _Progress([kernel], [100], "/nonexistent", 3, None)
+    progress = Progress([kernel], [100], "/nonexistent", 3, None)
     assert progress.start(0) == 100
     assert not progress.add([2.0, 1.0, 1.5])
     assert progress.add([1.2, None])  # three since the best (1.0)

@@ -71,10 +71,10 @@ def pipeline(
         RealizeQuantization(),
         # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
         _conv_algorithm_pass(preset, config),
-        # Library dispatch, LegalizeOps, FuseOps and FuseTIR (plus dlight rules on GPUs);
+        # Library dispatch, LegalizeOps, FuseOps and FuseTIR (the backend's dlight pass left out);
         # around FuseOps, the ONNX nodes each kernel computes are recorded for reports.
         *backend.library_dispatch_passes(tvm_target),
-        *_around_fuse_ops(backend.legalize_passes(tvm_target)),
+        *_around_fuse_ops(_without_backend_schedules(backend.legalize_passes(tvm_target))),
         # Tuned schedules first; every kernel still unscheduled gets the target's default.
         *_tuning_passes(config, tvm_target),
         *default_schedule_passes(tvm_target),
@@ -106,6 +106,12 @@ def _around_fuse_ops(passes: list[tvm.transform.Pass]) -> list[tvm.transform.Pas
     index = [pass_name(p) for p in passes].index("FuseOps")
     fuse_ops, rest = passes[index], passes[index + 1 :]
     return [*passes[:index], TagOrigins(), fuse_ops, RecordKernelOrigins(), *rest]
+
+
+def _without_backend_schedules(passes: list[tvm.transform.Pass]) -> list[tvm.transform.Pass]:
+    # The backend's own dlight pass (CUDA) would schedule every kernel before tuned records
+    # and tvmq's rules see it; schedules/ lists TVM's rules after its own instead.
+    return [p for p in passes if pass_name(p) != "ApplyDefaultSchedule"]
 
 
 def _quantization_passes(config: CompileConfig) -> list[tvm.transform.Pass]:

@@ -175,6 +175,14 @@ class QConfig:
         names = (layer, op, op.rsplit(".", 1)[-1])
         return any(fnmatch.fnmatchcase(n, pattern) for pattern in self.skip for n in names)
 
+    def override_bits(self, layer: str) -> int | None:
+        """The weight bits a per-layer override sets for this layer, or None."""
+        bits = None
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern) and override.weight_bits is not None:
+                bits = override.weight_bits
+        return bits
+
     def for_layer(self, layer: str) -> tuple[int, Granularity, ActivationScheme]:
         """Weight bits, weight granularity and activation scheme for one layer."""
         bits, granularity, scheme = (

@@ -1,0 +1,244 @@
+"""SelectBits: choose INT4 or INT8 weights per layer (mixed precision) under a budget.
+
+Runs on ``main`` after batch-norm folding and ``FoldConstant`` and before
+``AnnotateQuantization``, which reads the choice from ``main``'s ``tvmq.weight_bits``
+attribute (per-layer ``QConfig`` overrides still win). It needs the calibration data.
+
+Sensitivity. For each layer with weights, the measure is the noise power that dropping only
+that layer's weights from INT8 to INT4 adds to the network's outputs, relative to the
+outputs' power, on the calibration data::
+
+    sensitivity(L) = sum ||f_L4(x) - f_8(x)||^2 / sum ||f_8(x)||^2
+
+where ``f_8`` is the simulated (QDQ) all-INT8 model and ``f_L4`` the same model with layer L's
+weights at INT4. Why this measure: (1) it is measured at the outputs, so it sees how much
+of a layer's error the rest of the network amplifies or absorbs, which a per-layer weight
+error does not; (2) quantization noise of different layers is close to independent, so
+their powers add at the output, which is exactly the additive objective the integer
+program minimizes (HAWQ's Hessian trace is the second-order estimate of the same
+quantity); (3) it needs no labels and works for any output (logits, boxes, embeddings),
+unlike an accuracy drop, which is also too coarse on a few hundred images. The weights are
+lifted into parameters of one simulated model, so one compile serves every layer.
+
+Costs: packed weight bytes and bit-operations (MACs x weight bits x activation bits) per
+layer at each width, from the shapes. Latency is not measured by this pass (see the report
+in ``bit_allocation.py``'s ``--latency-budget`` error); a caller that has measured it can
+pass ``latencies``. Layers whose outputs meet in a residual add or a concat are tied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import Constant
+
+from ..calibration_data import CalibrationSet, CalibrationSource, load_calibration_data
+from ..errors import PipelineError
+from ..qconfig import QConfig
+from . import _observe
+from ._qdq import BITS_ATTR, QPOINTS_ATTR, REPORT_ATTR, quantize_weight, read_json_attr
+from .annotate import AnnotateQuantization
+from .bit_allocation import Budget, LayerCost, allocate_bits
+from .calibrate import Calibrate, _feed_list, _model_inputs
+
+_WIDTHS = (4, 8)
+
+
+@tvm.transform.module_pass(opt_level=0, name="SelectBits")
+class SelectBits:
+    """Measure each layer's INT4 sensitivity and costs, then solve for bits under a budget.
+
+    Parameters
+    ----------
+    dataset : path, iterable of dicts or CalibrationSet
+        Calibration data (see :mod:`tvmq.calibration_data`).
+    budget : Budget
+        The size, latency or bit-operation limit.
+    qconfig : QConfig, optional
+        Calibration method, layers to skip and per-layer overrides (which are fixed).
+    batches : int
+        Calibration batches the sensitivity runs use.
+    latencies : mapping of layer name to {bits: seconds}, optional
+        Measured kernel latencies, for a latency budget.
+    """
+
+    def __init__(
+        self,
+        dataset: CalibrationSource | CalibrationSet,
+        budget: Budget,
+        qconfig: QConfig | None = None,
+        *,
+        batches: int = 64,
+        latencies: Mapping[str, Mapping[int, float]] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.budget = budget
+        self.qconfig = qconfig or QConfig()
+        self.batches = batches
+        self.latencies = dict(latencies or {})
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        main = mod["main"]
+        if QPOINTS_ATTR in (main.attrs or {}) or BITS_ATTR in (main.attrs or {}):
+            return mod  # already annotated, or bits already chosen
+        table, ties = self._measure(mod)
+        if not table:
+            return mod
+        fixed = {
+            layer.name: bits for layer in table
+            if (bits := self.qconfig.override_bits(layer.name)) is not None
+        }
+        allocation = allocate_bits(table, self.budget, ties=ties, fixed=fixed)
+        chosen = {
+            layer.name: {
+                "bits": allocation.bits[layer.name],
+                "sensitivity": {str(b): layer.sensitivity[b] for b in layer.bits},
+                "weight_bytes_by_bits": {str(b): layer.weight_bytes[b] for b in layer.bits},
+                "bops_by_bits": {str(b): layer.bops[b] for b in layer.bits},
+                **({"latency_s_by_bits": {str(b): layer.latency[b] for b in layer.bits}}
+                   if layer.latency else {}),
+                "bits_from": "override" if layer.name in fixed else "solver",
+            }
+            for layer in table
+        }
+        mod = mod.clone()
+        mod["main"] = main.with_attr(BITS_ATTR, _json(chosen))
+        return mod
+
+    def _measure(self, mod: tvm.IRModule) -> tuple[list[LayerCost], list[list[str]]]:
+        """The cost table and tie groups, from the model calibrated at INT8."""
+        probe_config = dataclasses.replace(self.qconfig, weight_bits=8)
+        probe = tvm.transform.Sequential([
+            AnnotateQuantization(probe_config),
+            Calibrate(self.dataset, self.qconfig.calibration,
+                      percentile=self.qconfig.percentile, report_batches=0),
+        ])(mod)
+        main = probe["main"]
+        report = read_json_attr(main, REPORT_ATTR, {"layers": []})
+        layers = [layer for layer in report["layers"] if "weight_bits" in layer]
+        if not layers:
+            return [], []
+        lifted, weights = _lift_weights(main)
+        if len(weights) != len(layers):
+            raise PipelineError(
+                f"SelectBits found {len(weights)} weight constants for {len(layers)} layers; "
+                "run it on the model before AnnotateQuantization"
+            )
+        vm = _observe.build(lifted)
+        data = list(load_calibration_data(self.dataset, _model_inputs(main)))[: self.batches]
+        feeds = [[tvm.runtime.tensor(f) for f in _feed_list(main, batch)] for batch in data]
+        base = [tvm.runtime.tensor(w.dequantized()) for w in weights]
+
+        def outputs(weight_args):
+            result = []
+            for feed in feeds:
+                out = vm["main"](*feed, *weight_args)
+                fields = [out] if hasattr(out, "numpy") else list(out)
+                result.append([f.numpy().astype("float64") for f in fields])
+            return result
+
+        reference = outputs(base)
+        signal = sum(float(np.sum(o**2)) for batch in reference for o in batch) or 1.0
+        table = []
+        for i, (layer, weight) in enumerate(zip(layers, weights, strict=True)):
+            args = list(base)
+            args[i] = tvm.runtime.tensor(weight.dequantized(bits=4))
+            noise = sum(
+                float(np.sum((o - r) ** 2))
+                for got, ref in zip(outputs(args), reference, strict=True)
+                for o, r in zip(got, ref, strict=True)
+            )
+            size, macs = weight.q.size, int(layer["macs"])
+            act_bits = int(layer.get("activation_bits", 8))
+            latency = self.latencies.get(layer["name"])
+            table.append(LayerCost(
+                layer["name"],
+                sensitivity={4: noise / signal, 8: 0.0},
+                weight_bytes={4: float((size + 1) // 2), 8: float(size)},
+                bops={b: float(macs * b * act_bits) for b in _WIDTHS},
+                latency={b: float(latency[b]) for b in _WIDTHS} if latency else None,
+            ))
+        return table, _ties(report)
+
+
+@dataclasses.dataclass
+class _Weight:
+    q: np.ndarray
+    scale: np.ndarray
+    axis: int | None
+    float_weight: np.ndarray
+
+    def dequantized(self, bits: int = 8) -> np.ndarray:
+        if bits == 8:
+            return self.float_weight
+        # From the INT8 values: within half an INT8 step of the float weights, far below
+        # the INT4 step, so the sensitivity is that of the real INT4 weights.
+        q, scale = quantize_weight(self.float_weight, axis=self.axis, bits=bits)
+        shape = [1] * q.ndim
+        if self.axis is not None:
+            shape[self.axis] = -1
+        return (q.astype("float32") * scale.reshape(shape)).astype("float32")
+
+
+def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[_Weight]]:
+    """``func`` with each weight dequantize replaced by a float parameter (in order)."""
+    flat = relax.transform.ToNonDataflow()(tvm.IRModule({"main": func}))["main"]
+    weights: list[_Weight] = []
+    params = []
+    blocks = []
+    for block in flat.body.blocks:
+        bindings = []
+        for binding in block.bindings:
+            value = binding.value
+            if (
+                isinstance(value, relax.Call)
+                and getattr(value.op, "name", "") == "relax.dequantize"
+                and isinstance(value.args[0], Constant)
+                and value.args[0].value.numpy().ndim >= 2
+            ):
+                q = value.args[0].value.numpy()
+                scale = value.args[1].value.numpy().astype("float32").reshape(-1)
+                axis = int(value.attrs.axis) % q.ndim if scale.size > 1 else None
+                shape = [1] * q.ndim
+                if axis is not None:
+                    shape[axis] = -1
+                weight = (q.astype("float32") * scale.reshape(shape)).astype("float32")
+                weights.append(_Weight(q, scale, axis, weight))
+                param = relax.Var(f"w{len(params)}", relax.TensorType(list(q.shape), "float32"))
+                params.append(param)
+                bindings.append(relax.VarBinding(binding.var, param))
+                continue
+            bindings.append(binding)
+        blocks.append(relax.BindingBlock(bindings))
+    count = int(flat.attrs["num_input"]) if flat.attrs and "num_input" in flat.attrs else len(
+        flat.params
+    )
+    body = relax.SeqExpr(blocks, flat.body.body)
+    lifted = relax.Function(list(flat.params)[:count] + params, body, flat.ret_ty, True)
+    lifted = relax.transform.Normalize()(tvm.IRModule({"main": lifted}))["main"]
+    return lifted, weights
+
+
+def _ties(report: dict) -> list[list[str]]:
+    """Weight layers whose outputs meet in one add or concat (they share its scale)."""
+    producer = {
+        layer["output_point"]: layer["name"] for layer in report["layers"]
+        if "weight_bits" in layer and layer.get("output_point") is not None
+    }
+    ties = []
+    for layer in report["layers"]:
+        if layer["op"] in ("add", "concat"):
+            names = [producer[p] for p in layer.get("input_points", []) if p in producer]
+            if len(names) > 1:
+                ties.append(names)
+    return ties
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)

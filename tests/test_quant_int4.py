@@ -1,0 +1,118 @@
+"""INT4 weights (W4A8): packed two per byte, unpacked inside the kernel, bit-exact against a
+numpy reference of the integer arithmetic, and the weight constants really halve."""
+
+import numpy as np
+import pytest
+import tvm
+from test_quant_realize import SX, SY, ZX, ZY, _conv_int, _module, _random_input, _requant
+from tvm import relax
+from tvm.ir.expr import Constant
+from tvmq.passes import RealizeQuantization
+from tvmq.passes._int4 import pack_int4, unpack_int4
+from tvmq.passes._observe import host_target
+from tvmq.passes._qdq import quantize_weight
+
+RNG = np.random.default_rng(11)
+
+
+def _int4_weights(shape, axis):
+    return quantize_weight(RNG.normal(0, 0.3, shape).astype(np.float32), axis=axis, bits=4)
+
+
+def _dq(q, scale, axis):
+    return relax.op.dequantize(relax.const(q, "int8"), relax.const(scale, "float32"),
+                               relax.const(0, "int8"), axis=axis)
+
+
+def _run(mod, inputs):
+    """Build the whole module (main and the int4 kernels realize added) for this CPU."""
+    target = host_target()
+    mod = relax.transform.ConvertToDataflow(min_size=1)(mod)
+    with target:
+        mod = relax.get_default_pipeline(target)(mod)
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    return vm["main"](*(tvm.runtime.tensor(x) for x in inputs)).numpy()
+
+
+def _constants(mod):
+    found = []
+    relax.analysis.post_order_visit(
+        mod["main"].body,
+        lambda e: found.append(e.value.numpy()) if isinstance(e, Constant)
+        and hasattr(e.value, "numpy") else None,
+    )
+    return found
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 64])
+def test_pack_roundtrip_covers_every_int4_value(count):
+    values = RNG.integers(-8, 8, count).astype(np.int8)
+    values[: min(count, 16)] = np.arange(-8, 8)[: min(count, 16)]
+    packed = pack_int4(values)
+    assert packed.dtype == np.uint8 and packed.size == (count + 1) // 2
+    np.testing.assert_array_equal(unpack_int4(packed, values.shape), values)
+    # Low nibble first: [-1, 2] -> 0x2F.
+    assert pack_int4(np.array([-1, 2]))[0] == 0x2F
+
+
+@pytest.mark.parametrize(("groups", "channels", "relu"), [(1, 4, True), (2, 4, False),
+                                                          (4, 4, True)])
+def test_int4_conv2d_bit_exact_and_packed(groups, channels, relu):
+    out_channels = 6 if groups != channels else channels
+    wq, ws = _int4_weights((out_channels, channels // groups, 3, 3), 0)
+    bias = RNG.normal(0, 0.5, (out_channels,)).astype(np.float32)
+
+    def make(x):
+        y = relax.op.nn.conv2d(x, _dq(wq, ws, 0), padding=[1, 1, 1, 1], groups=groups)
+        y = relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1), "float32"))
+        return relax.op.nn.relu(y) if relu else y
+
+    xq, x = _random_input((1, channels, 6, 6))
+    acc_scale = SX * ws.astype(np.float64)
+    acc = _conv_int(xq, wq, 1, ZX, groups=groups)
+    acc = acc + np.round(bias / acc_scale).astype(np.int64).reshape(1, -1, 1, 1)
+    expected = _requant(acc, acc_scale / SY, ZY, lo=ZY if relu else -128, axis=1, ndim=4)
+    mod = _module(make, [x.shape])
+    realized = RealizeQuantization()(mod)
+    np.testing.assert_array_equal(_run(realized, [x]), expected)
+    unsigned = _run(RealizeQuantization(unsigned_activations=True)(mod), [x])
+    np.testing.assert_array_equal(unsigned.astype(int) - 128, expected)
+    # The weights live in the module packed: uint8, half the int8 bytes, no int8 copy.
+    packed = [c for c in _constants(realized) if c.dtype == np.uint8]
+    assert [c.size for c in packed] == [(wq.size + 1) // 2]
+    np.testing.assert_array_equal(unpack_int4(packed[0], wq.shape), wq)
+    assert not [c for c in _constants(realized) if c.dtype == np.int8 and c.size == wq.size]
+    assert any(gv.name_hint.startswith("conv2d_int4") for gv in realized.get_global_vars())
+
+
+def test_int4_matmul_bit_exact():
+    wq, ws = _int4_weights((16, 5), 1)
+    bias = RNG.normal(0, 0.5, (5,)).astype(np.float32)
+
+    def make(x):
+        return relax.op.add(relax.op.matmul(x, _dq(wq, ws, 1)), relax.const(bias))
+
+    xq, x = _random_input((2, 16))
+    acc_scale = SX * ws.astype(np.float64)
+    acc = (xq.astype(np.int64) - ZX) @ wq.astype(np.int64)
+    acc = acc + np.round(bias / acc_scale).astype(np.int64)
+    realized = RealizeQuantization()(_module(make, [x.shape]))
+    np.testing.assert_array_equal(_run(realized, [x]),
+                                  _requant(acc, acc_scale / SY, ZY, axis=1, ndim=2))
+    assert any(gv.name_hint.startswith("matmul_int4") for gv in realized.get_global_vars())
+
+
+def test_int4_survives_the_build_pipeline_packed():
+    # Constant folding in the backend must not widen the packed weights back to int8.
+    wq, ws = _int4_weights((8, 4, 3, 3), 0)
+    mod = _module(lambda x: relax.op.nn.conv2d(x, _dq(wq, ws, 0), padding=[1, 1, 1, 1]),
+                  [(1, 4, 5, 5)])
+    import tvmq
+    from tvmq.build import run_passes
+    from tvmq.pipeline import pipeline
+
+    preset = tvmq.targets.resolve("x86")
+    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
+        lowered = run_passes(mod, pipeline(preset))
+    sizes = sorted(c.size for c in _constants(lowered) if c.ndim and c.size >= 16)
+    assert (wq.size + 1) // 2 in sizes and wq.size not in sizes
