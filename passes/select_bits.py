@@ -40,7 +40,14 @@ from ..calibration_data import CalibrationSet, CalibrationSource, load_calibrati
 from ..errors import PipelineError
 from ..qconfig import QConfig
 from . import _observe
-from ._qdq import BITS_ATTR, QPOINTS_ATTR, REPORT_ATTR, quantize_weight, read_json_attr
+from ._qdq import (
+    BITS_ATTR,
+    QPOINTS_ATTR,
+    REPORT_ATTR,
+    quantize_weight,
+    read_json_attr,
+    with_json_attr,
+)
 from .annotate import AnnotateQuantization
 from .bit_allocation import Budget, LayerCost, allocate_bits
 from .calibrate import Calibrate, _feed_list, _model_inputs
@@ -106,7 +113,7 @@ class SelectBits:
             for layer in table
         }
         mod = mod.clone()
-        mod["main"] = main.with_attr(BITS_ATTR, _json(chosen))
+        mod["main"] = with_json_attr(main, BITS_ATTR, chosen)
         return mod
 
     def _measure(self, mod: tvm.IRModule) -> tuple[list[LayerCost], list[list[str]]]:
@@ -218,7 +225,8 @@ def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[_Weight]]:
         flat.params
     )
     body = relax.SeqExpr(blocks, flat.body.body)
-    lifted = relax.Function(list(flat.params)[:count] + params, body, flat.ret_ty, True)
+    lifted = relax.Function(list(flat.params)[:count] + params, body, flat.ret_ty, True,
+                            flat.attrs)
     lifted = relax.transform.Normalize()(tvm.IRModule({"main": lifted}))["main"]
     return lifted, weights
 
@@ -237,8 +245,3 @@ def _ties(report: dict) -> list[list[str]]:
                 ties.append(names)
     return ties
 
-
-def _json(value) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True)

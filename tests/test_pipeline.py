@@ -39,8 +39,10 @@ def test_unknown_disabled_pass():
 
 
 def test_unbuilt_quantize_mode_refused():
-    with pytest.raises(ConfigError, match=r"--quantize mixed is not built"):
+    with pytest.raises(ConfigError, match=r"--quantize mixed needs exactly one budget"):
         tvmq.CompileConfig(quantize="mixed")
+    with pytest.raises(ConfigError, match=r"--size-budget 'lots' is not a budget"):
+        tvmq.CompileConfig(quantize="mixed", size_budget="lots")
     with pytest.raises(ConfigError, match=r"--quantize 'int3' is not a mode"):
         tvmq.CompileConfig(quantize="int3")
 

@@ -42,6 +42,9 @@ def compile(
     quantize_report: str | os.PathLike | None = None,
     conv_algorithm: ConvPolicy | str = ConvPolicy.PREDICT,
     conv_overrides: Mapping[str, str] | None = None,
+    size_budget: str | float | None = None,
+    latency_budget: str | float | None = None,
+    bops_budget: str | float | None = None,
 ) -> Artifact:
     """Compile a model for a target.
 
@@ -70,6 +73,9 @@ def compile(
         How each float convolution's algorithm is chosen (see passes/conv_algorithm.py).
     conv_overrides : mapping, optional
         ONNX node name (or glob) -> algorithm, winning over ``conv_algorithm``.
+    size_budget, latency_budget, bops_budget : str or float, optional
+        The budget of ``quantize="mixed"`` (exactly one): a fraction of the all-INT8 model
+        (``0.6``) or an amount (``"1.5MB"``, ``"2ms"``, ``"3G"``).
 
     Returns
     -------
@@ -84,6 +90,9 @@ def compile(
         calibration_data=calibration_data,
         conv_algorithm=conv_algorithm,
         conv_overrides=dict(conv_overrides or {}),
+        size_budget=size_budget,
+        latency_budget=latency_budget,
+        bops_budget=bops_budget,
     )
     preset = targets.resolve(target)
     mod = model if isinstance(model, tvm.IRModule) else load(model, input_shapes)

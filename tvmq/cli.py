@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="an .npz (arrays named after the inputs) or a directory of .npz/.npy")
     c.add_argument("--quantize-report", metavar="FILE.json",
                    help="write the per-layer quantization report (scales, bits, SQNR)")
+    for kind, example in (("size", "0.6 or 1.5MB"), ("latency", "0.6 or 2ms"),
+                          ("bops", "0.6 or 3G")):
+        c.add_argument(f"--{kind}-budget", metavar="B",
+                       help=f"--quantize mixed: the {kind} budget, a fraction of the INT8 "
+                            f"model or an amount ({example})")
     c.add_argument("--tuning-records", help="a tvmq tune --records directory")
     c.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
                    help="leave a pass out of the pipeline (repeatable)")
@@ -165,6 +170,9 @@ def _compile(args) -> int:
         quantize=args.quantize,
         calibration_data=args.calibration_data,
         quantize_report=args.quantize_report,
+        size_budget=args.size_budget,
+        latency_budget=args.latency_budget,
+        bops_budget=args.bops_budget,
         tuning_records=args.tuning_records,
         input_shapes=args.input_shapes,
         disabled_passes=args.disabled_pass,

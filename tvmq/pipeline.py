@@ -28,6 +28,7 @@ from .passes.calibrate import Calibrate
 from .passes.conv_algorithm import ChooseConvAlgorithm, ConvPolicy
 from .passes.kernel_origins import RecordKernelOrigins, TagOrigins
 from .passes.realize import RealizeQuantization
+from .passes.select_bits import SelectBits
 from .qconfig import QConfig
 from .schedules import default_schedule_passes
 from .schedules.apply_records import ApplyTuningRecords
@@ -64,7 +65,8 @@ def pipeline(
         relax.transform.CanonicalizeBindings(),
         # Weight-only subgraphs (transposes, reshapes, folded batch norms) become constants.
         relax.transform.FoldConstant(),
-        # INT8: annotate and calibrate need constant weights and must run before lowering.
+        # INT8 / INT4 / mixed: select bits, annotate and calibrate need constant weights
+        # and must run before lowering.
         *_quantization_passes(config),
         # QDQ (ours, or a pre-quantized ONNX model's) becomes integer-only compute before
         # LegalizeOps lowers it; a module without QDQ passes through unchanged.
@@ -115,15 +117,24 @@ def _without_backend_schedules(passes: list[tvm.transform.Pass]) -> list[tvm.tra
 
 
 def _quantization_passes(config: CompileConfig) -> list[tvm.transform.Pass]:
-    if config.quantize != QuantizeMode.INT8:
+    if config.quantize == QuantizeMode.NONE:
         return []
     if config.calibration_data is None:
         raise ConfigError(
-            "--quantize int8 needs calibration data; pass --calibration-data FILE.npz "
-            "(arrays named after the model inputs, first axis = samples)"
+            f"--quantize {config.quantize.value} needs calibration data; pass "
+            "--calibration-data FILE.npz (arrays named after the model inputs, first axis = "
+            "samples)"
         )
     qconfig = config.qconfig or QConfig()
+    select = []
+    if config.quantize == QuantizeMode.INT4:
+        # W4A8: every layer's weights at 4 bits; per-layer overrides still win.
+        qconfig = dataclasses.replace(qconfig, weight_bits=4)
+    elif config.quantize == QuantizeMode.MIXED:
+        # Each layer's bits from its measured sensitivity and costs, under the budget.
+        select = [SelectBits(config.calibration_data, config.budget, qconfig)]
     return [
+        *select,
         AnnotateQuantization(qconfig),
         Calibrate(config.calibration_data, qconfig.calibration, percentile=qconfig.percentile),
     ]

@@ -1,10 +1,10 @@
 """Where the time goes: per-kernel latency, work and efficiency of an artifact.
 
-The Relax VM lost its profiler; tvmq measures each kernel on its own. One instrumented run
-records every kernel call with its arguments, then each call is timed by TVM's
-``time_evaluator`` (C++ loop, no Python in the measurement) on those same arguments. The
-per-kernel times are compared with the end-to-end time measured without instrumentation,
-and the report says the difference.
+The Relax VM lost its profiler; tvmq times every call of the VM's program where it runs,
+through the VM's instrument hook, over repeated runs (the hook's own cost, measured on a
+call that does nothing, is taken off). The per-kernel times, plus the VM's own builtins, are
+compared with the end-to-end time measured without instrumentation, and the report says
+the difference.
 
 Peak throughput of this host, the denominator of "% of peak":
 
@@ -113,13 +113,7 @@ def profile(
     model = artifact if isinstance(artifact, Model) else load(artifact)
     source = "model" if isinstance(artifact, Model) else os.fspath(artifact)
     feed = dict(inputs) if inputs is not None else random_inputs(model.inputs)
-    calls, runtime_ms, runtime_calls = _record_calls(model, feed, repeat)
-    per_kernel: dict[str, list[float]] = {}
-    for symbol, args in calls:
-        timer = _module_with(model.library, symbol).time_evaluator(
-            symbol, model.device, number=1, repeat=repeat, min_repeat_ms=2
-        )
-        per_kernel.setdefault(symbol, []).append(statistics.median(timer(*args).results) * 1e3)
+    per_kernel, runtime_ms, runtime_calls = _time_calls(model, feed, repeat)
     end_to_end = model.benchmark(repeat=repeat, number=max(1, 10), inputs=feed).median_ms
     kernels_ms = sum(sum(times) for times in per_kernel.values()) + runtime_ms
     peaks = peak_gops(model.manifest)
@@ -148,7 +142,7 @@ def profile(
         )
     rows.append(
         KernelRow(
-            name="(VM runtime: allocation, shape checks)",
+            name="(VM runtime: allocation, shape checks, dispatch)",
             calls=runtime_calls,
             time_ms=runtime_ms,
             share=runtime_ms / kernels_ms if kernels_ms else 0.0,
@@ -161,62 +155,60 @@ def profile(
     return Profile(source, target, tuple(rows), end_to_end, kernels_ms, peaks, size)
 
 
-def _record_calls(model: Model, feed, repeat: int):
-    """Every kernel call of one run with its arguments, in order; and the time the VM's own
-    builtins (allocation, shape checks, reshapes) take per run.
+def _time_calls(model: Model, feed, repeat: int):
+    """Time every call of a run where it runs, in the model's own sequence (so each kernel
+    meets the caches its predecessors left), over ``repeat`` instrumented runs.
 
-    Builtins are timed where they run, between the instrument's before and after calls,
-    less the instrument's own cost, measured on ``vm.builtin.null_value``, which does
-    nothing.
+    Each call is timed between the instrument's before and after callbacks, less the
+    instrument's own cost, measured on ``vm.builtin.null_value``, which does nothing.
+    Returns the median time of each kernel call by kernel, the time per run of the VM
+    itself (its builtins: allocation, shape checks, reshapes; and its dispatch between
+    calls), and the number of builtin calls.
     """
-    calls: list[tuple[str, tuple]] = []
-    builtin_runs: list[dict[str, float]] = []
+    runs: list[list[tuple[str, float]]] = []
+    gaps: list[list[float]] = []
     state: dict = {}
 
-    def instrument(_func, symbol, before_run, _ret, *args):
-        symbol = str(symbol)
-        if not symbol.startswith("vm."):
-            if before_run and state.get("record"):
-                calls.append((symbol, args))
-            return 0
+    def instrument(_func, symbol, before_run, _ret, *_args):
+        now = time.perf_counter()
         if before_run:
-            state["start"] = time.perf_counter()
+            if "end" in state:
+                gaps[-1].append(now - state["end"])
+            state["start"] = now
         else:
-            elapsed = time.perf_counter() - state["start"]
-            run = builtin_runs[-1]
-            run[symbol] = run.get(symbol, 0.0) + elapsed
-            run["#calls"] = run.get("#calls", 0) + 1
-            if symbol == "vm.builtin.null_value":
-                run["#null"] = run.get("#null", 0) + 1
-                run["#null_s"] = run.get("#null_s", 0.0) + elapsed
+            runs[-1].append((str(symbol), now - state["start"]))
+            state["end"] = time.perf_counter()
         return 0
 
     model.run(**feed)  # warm up: first-run allocation is not what a kernel costs
     model.vm.set_instrument(instrument)
     try:
-        for index in range(max(3, min(repeat, 10))):
-            state["record"] = index == 0
-            builtin_runs.append({})
+        for _ in range(max(3, repeat)):
+            runs.append([])
+            gaps.append([])
+            state.pop("end", None)
             model.run(**feed)
     finally:
         model.vm.set_instrument(_no_instrument)
-    totals = []
-    for run in builtin_runs:
-        overhead = run.get("#null_s", 0.0) / run["#null"] if run.get("#null") else 0.0
-        total = sum(v for k, v in run.items() if not k.startswith("#"))
-        totals.append(max(0.0, total - overhead * run.get("#calls", 0)))
-    return calls, statistics.median(totals) * 1e3, int(builtin_runs[0].get("#calls", 0))
-
-
-def _module_with(library, symbol: str):
-    """The module in the artifact's import tree that defines the kernel ``symbol``."""
-    pending = [library]
-    while pending:
-        module = pending.pop()
-        if module.kind != "relax.VMExecutable" and module.implements_function(symbol):
-            return module
-        pending.extend(module.imports)
-    return library
+    nulls = [t for run in runs for symbol, t in run if symbol == "vm.builtin.null_value"]
+    overhead = statistics.median(nulls) if nulls else 0.0
+    calls = runs[0]
+    per_kernel: dict[str, list[float]] = {}
+    builtin_total = 0.0
+    for position, (symbol, _) in enumerate(calls):
+        elapsed = statistics.median(run[position][1] for run in runs)
+        elapsed = max(0.0, elapsed - overhead) * 1e3
+        if symbol.startswith("vm."):
+            builtin_total += elapsed
+        else:
+            per_kernel.setdefault(symbol, []).append(elapsed)
+    # Between two calls the VM interprets its own instructions (moves, branches, frame
+    # set-up): the gap between one call's end and the next one's start, less the hook.
+    dispatch = sum(
+        max(0.0, statistics.median(run[i] for run in gaps) - overhead) for i in range(len(gaps[0]))
+    ) * 1e3
+    builtins = sum(1 for symbol, _ in calls if symbol.startswith("vm."))
+    return per_kernel, builtin_total + dispatch, builtins
 
 
 def _no_instrument(*_args):

@@ -23,7 +23,9 @@ from .errors import ConfigError
 from .passes._qdq import REPORT_ATTR
 from .passes.annotate import AnnotateQuantization
 from .passes.calibrate import Calibrate
+from .passes.bit_allocation import Budget
 from .passes.realize import RealizeQuantization
+from .passes.select_bits import SelectBits
 from .qconfig import QConfig
 
 
@@ -80,7 +82,8 @@ class QuantizationReport:
                 key: layer.get(key)
                 for key in ("name", "op", "fused", "weight_bits", "activation_bits",
                             "input_scales", "input_zero_points", "output_scale",
-                            "output_zero_point", "sqnr_db")
+                            "output_zero_point", "sqnr_db", "weight_bytes", "bops",
+                            "sensitivity", "bits_from")
             }
             for layer in self.layers
         ]
@@ -95,6 +98,7 @@ def quantize(
     *,
     qconfig: QConfig | None = None,
     unsigned_activations: bool = False,
+    budget: Budget | None = None,
 ) -> tuple[tvm.IRModule, QuantizationReport]:
     """Quantize ``mod`` to integer-only INT8 with post-training calibration.
 
@@ -110,6 +114,8 @@ def quantize(
         Bits, granularity, scheme, method, layers to skip.
     unsigned_activations : bool
         uint8 activations for x86 VNNI (bit-identical results).
+    budget : Budget, optional
+        Mixed INT4/INT8: choose each layer's weight bits under this budget (SelectBits).
 
     Returns
     -------
@@ -125,7 +131,8 @@ def quantize(
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
-        *quantization_passes(qconfig, dataset, unsigned_activations=unsigned_activations),
+        *quantization_passes(qconfig, dataset, unsigned_activations=unsigned_activations,
+                             budget=budget),
     ]
     mod = tvm.transform.Sequential(passes)(mod)
     return mod, QuantizationReport.from_module(mod)
@@ -136,9 +143,12 @@ def quantization_passes(
     dataset: CalibrationSource | CalibrationSet,
     *,
     unsigned_activations: bool = False,
+    budget: Budget | None = None,
 ) -> list[tvm.transform.Pass]:
-    """Annotate, calibrate, realize: the passes the build pipeline inserts for INT8."""
+    """(Select bits,) annotate, calibrate, realize: the quantization passes."""
+    select = [SelectBits(dataset, budget, qconfig)] if budget is not None else []
     return [
+        *select,
         AnnotateQuantization(qconfig),
         Calibrate(dataset, qconfig.calibration, percentile=qconfig.percentile),
         RealizeQuantization(unsigned_activations=unsigned_activations),
