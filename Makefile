@@ -31,6 +31,7 @@ test: setup setup-system
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.conv_algorithms | tee bench/conv_algorithms.md
 
 lint: setup
 	$(VENV)/bin/ruff check tvmq passes schedules targets tests scripts bench

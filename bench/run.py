@@ -24,6 +24,7 @@ import onnx
 
 import tvmq
 from tvmq.config import BUILT_QUANTIZE_MODES, QuantizeMode
+from tvmq.demo import onnxruntime_latency_ms
 from tvmq.examples import DIGITS_MODEL, digits_calibration_set, digits_test_set
 from tvmq.models import bert_encoder_layer, light_zoo_models, mobilenet_v2
 
@@ -65,17 +66,6 @@ def _ort_session(path: str):
     import onnxruntime as ort
 
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-
-
-def _ort_latency(session, feed, repeat: int) -> float:
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
 
 
 def _calibration(path: str, feed: dict[str, np.ndarray], samples: int = 32):
@@ -127,7 +117,8 @@ def bench_model(name: str, path: str, work: str, repeat: int) -> list[Cell]:
         feed = {"input": digits_test_set()[0][:1]}
     cells = []
     _progress(f"{name}: ONNX Runtime FP32")
-    cells.append(Cell("ort-fp32", _ort_latency(session, feed, repeat), os.path.getsize(path)))
+    cells.append(Cell("ort-fp32", onnxruntime_latency_ms(path, feed, repeat),
+                      os.path.getsize(path)))
     if path == DIGITS_MODEL:
         cells[-1].accuracy = _accuracy(lambda x: session.run(None, {"input": x})[0])
     calibration = _calibration(path, feed)
@@ -135,7 +126,8 @@ def bench_model(name: str, path: str, work: str, repeat: int) -> list[Cell]:
     try:
         int8_path = _ort_int8(path, calibration, work)
         int8 = _ort_session(int8_path)
-        cell = Cell("ort-int8", _ort_latency(int8, feed, repeat), os.path.getsize(int8_path))
+        cell = Cell("ort-int8", onnxruntime_latency_ms(int8_path, feed, repeat),
+                    os.path.getsize(int8_path))
         if path == DIGITS_MODEL:
             cell.accuracy = _accuracy(lambda x: int8.run(None, {"input": x})[0])
     except Exception as err:  # the peer failing on a model is a result, not a crash

@@ -38,8 +38,33 @@ def unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
     return ((nibbles ^ 8) - 8).astype("int8").reshape(shape)
 
 
-def _unpacked(packed: te.Tensor, shape) -> te.Tensor:
-    """The TE view of the packed weight as int8 values of ``shape`` (sign-extended)."""
+def factor_groups(
+    w_int: np.ndarray, *, axis: int, group_size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Group-wise INT4 weights ``q * m`` (see ``_qdq.quantize_weight_grouped``) split back into
+    int4 ``q`` (same layout) and uint8 multipliers ``m`` [channels, groups]; None if they do not
+    factor. Any exact factoring will do: the kernel multiplies them back."""
+    moved = np.moveaxis(w_int, axis, 0).astype("int64")
+    channels = moved.shape[0]
+    flat = moved.reshape(channels, -1)
+    count = flat.shape[1]
+    groups = -(-count // group_size)
+    padded = np.zeros((channels, groups * group_size), dtype="int64")
+    padded[:, :count] = flat
+    grouped = padded.reshape(channels, groups, group_size)
+    mult = np.gcd.reduce(np.abs(grouped), axis=2)
+    mult = np.where(mult == 0, 1, mult)
+    q = grouped // mult[..., None]
+    if mult.max() > 255 or q.min() < INT4_MIN or q.max() > INT4_MAX:
+        return None
+    q = q.reshape(channels, -1)[:, :count].reshape(moved.shape)
+    return np.moveaxis(q, 0, axis).astype("int8"), mult.astype("uint8")
+
+
+def _unpacked(packed: te.Tensor, shape, mult: te.Tensor | None = None, channel_axis: int = 0,
+              group_size: int = 0) -> te.Tensor:
+    """The TE view of the packed weight as int8 values of ``shape`` (sign-extended), times
+    the group multiplier ``mult[channel, input_index // group_size]`` when given."""
 
     def value(*index):
         flat = index[0]
@@ -47,22 +72,30 @@ def _unpacked(packed: te.Tensor, shape) -> te.Tensor:
             flat = flat * int(axis) + i
         byte = packed[flat // 2].astype("int32")
         nibble = (byte >> ((flat % 2) * 4)) & 15
-        return ((nibble ^ 8) - 8).astype("int8")
+        q = (nibble ^ 8) - 8
+        if mult is None:
+            return q.astype("int8")
+        if channel_axis == 0:  # OIHW: the input index runs over I, H, W
+            channel, inner = index[0], flat - index[0] * int(np.prod(shape[1:]))
+        else:  # [K, N]
+            channel, inner = index[1], index[0]
+        return (q * mult[channel, inner // group_size].astype("int32")).astype("int8")
 
     return te.compute([int(d) for d in shape], value, name="unpack_int4")
 
 
 def conv2d_int4(x: te.Tensor, packed: te.Tensor, *, weight_shape, strides, padding, dilation,
-                groups: int) -> te.Tensor:
+                groups: int, mult: te.Tensor | None = None, group_size: int = 0) -> te.Tensor:
     """int8/uint8 NCHW activations x packed int4 OIHW weights -> int32."""
-    weight = _unpacked(packed, weight_shape)
+    weight = _unpacked(packed, weight_shape, mult, 0, group_size)
     return topi.nn.conv(x, weight, strides, padding, dilation, groups, "NCHW", "OIHW",
                         out_dtype="int32")
 
 
-def matmul_int4(x: te.Tensor, packed: te.Tensor, *, weight_shape) -> te.Tensor:
+def matmul_int4(x: te.Tensor, packed: te.Tensor, *, weight_shape, mult: te.Tensor | None = None,
+                group_size: int = 0) -> te.Tensor:
     """int8/uint8 ``[..., K]`` x packed int4 ``[K, N]`` -> int32 ``[..., N]``."""
-    weight = _unpacked(packed, weight_shape)
+    weight = _unpacked(packed, weight_shape, mult, 1, group_size)
     k = te.reduce_axis((0, int(weight_shape[0])), name="k")
     shape = [*x.shape[:-1], int(weight_shape[1])]
 

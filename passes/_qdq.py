@@ -108,6 +108,37 @@ def quantize_weight(
     return q, scale
 
 
+def quantize_weight_grouped(
+    weight: np.ndarray, *, axis: int, bits: int, group_size: int, levels: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group-wise symmetric weights, integer-only: ``w ~= q * m * scale``.
+
+    Each output channel (``axis``) is cut into groups of ``group_size`` consecutive input
+    elements (row-major over the other axes). ``q`` has ``bits`` bits, ``m`` in
+    [1, levels] is the group's integer multiplier and ``scale`` is one float per channel,
+    so the integer weights ``q * m`` (returned, int8 container, |q * m| <= 7 * 16) share
+    the per-channel scale of an ordinary integer kernel. Returns (q * m, scale).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    assert qmax * levels <= 127, "q * m must fit in int8"
+    moved = np.moveaxis(weight, axis, 0)
+    channels = moved.shape[0]
+    flat = moved.reshape(channels, -1).astype("float64")
+    count = flat.shape[1]
+    groups = -(-count // group_size)
+    padded = np.zeros((channels, groups * group_size))
+    padded[:, :count] = flat
+    grouped = padded.reshape(channels, groups, group_size)
+    group_scale = np.abs(grouped).max(axis=2) / qmax
+    scale = group_scale.max(axis=1) / levels
+    scale = np.where(scale > 0, scale, 1.0).astype("float32")
+    mult = np.clip(np.round(group_scale / scale[:, None]), 1, levels)
+    step = mult * scale[:, None].astype("float64")
+    q = np.clip(np.round(grouped / step[..., None]), -qmax, qmax)
+    w_int = (q * mult[..., None]).reshape(channels, -1)[:, :count].reshape(moved.shape)
+    return np.moveaxis(w_int, 0, axis).astype("int8"), scale
+
+
 def fixed_point(real: np.ndarray, *, common: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Dyadic form of positive multipliers: ``real ~= mult / 2**shift``, mult < 2**31.
 

@@ -29,6 +29,7 @@ from ._qdq import (
     REPORT_ATTR,
     placeholder_scale,
     quantize_weight,
+    quantize_weight_grouped,
     read_json_attr,
     with_json_attr,
 )
@@ -241,14 +242,23 @@ class _Plan:
             bits = int(chosen["bits"])
         weight = layer.call.args[layer.weight_arg].value.numpy()
         axis = layer.weight_axis if granularity == Granularity.PER_CHANNEL else None
-        q, scale = quantize_weight(weight, axis=axis, bits=bits)
+        group = self.qconfig.weight_group_size
+        if group is not None and bits <= 4 and axis is not None:
+            # Group-wise INT4: q * m in the int8 container, the per-channel scale outside.
+            q, scale = quantize_weight_grouped(weight, axis=axis, bits=bits, group_size=group)
+            channels = weight.shape[axis]
+            extra = channels * -(-(weight.size // channels) // group)  # one uint8 m per group
+            layer.record["weight_group_size"] = group
+        else:
+            q, scale = quantize_weight(weight, axis=axis, bits=bits)
+            extra = 0
         macs = weight_macs(layer.call)
         layer.record.update(
             weight_bits=bits,
             weight_granularity=granularity.value,
             weight_scales=[float(s) for s in scale],
             # Realize stores weights that fit in 4 bits two per byte.
-            weight_bytes=(weight.size + 1) // 2 if bits <= 4 else weight.size,
+            weight_bytes=(weight.size + 1) // 2 + extra if bits <= 4 else weight.size,
             macs=macs,
             bops=macs * bits * self.qconfig.activation_bits,
         )
@@ -274,7 +284,10 @@ class _Plan:
                 "activation_bits": self.qconfig.activation_bits,
                 "activation_scheme": scheme.value, **layer.record,
             })
-        return {"layers": layers, "float_ops": float_ops}
+        report = {"layers": layers, "float_ops": float_ops}
+        if self.qconfig.weight_group_size is not None:
+            report["weight_group_size"] = self.qconfig.weight_group_size  # for realize
+        return report
 
 
 @relax.expr_functor.mutator

@@ -248,7 +248,7 @@ def allocate_bits(
             least = f"{np.ceil(smallest / reference * 1e4) / 1e4:.4f} (of {_DESCRIBE[kind]})"
         raise ConfigError(
             f"{kind.flag} {given} is infeasible: the smallest feasible value is {least}, "
-            f"with every layer at its narrowest allowed width"
+            "with every layer at its cheapest allowed width"
         )
     picks = _solve(sens, cost, limit + tolerance)
     bits: dict[str, int] = {}

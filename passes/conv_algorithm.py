@@ -6,9 +6,8 @@ the candidates are the algorithms that compute it; the choice is
 
 - ``measure``: each candidate is built on its own through the same pipeline and timed on
   this machine (kept in a cache file, so a shape is measured once per target);
-- ``predict``: a rule fitted to such measurements (``bench/conv_algorithms.py`` checks it
-  against measurement): GEMM for strided or large-kernel convolutions, whose direct
-  kernel reads its input with gathers; direct otherwise;
+- ``predict`` (the default): a rule fitted to such measurements (see ``predict``;
+  ``bench/conv_algorithms.py`` checks it against measurement again);
 - or a fixed algorithm for every layer.
 
 Overrides by ONNX node name (exact or glob) win over the policy. The choices go on the
@@ -62,9 +61,26 @@ def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
 
 
 def predict(conv: Conv2D) -> ConvAlgorithm:
-    """The rule: GEMM where the direct kernel gathers (stride > 1, kernels of 5 and up)."""
-    strided = conv.strides != (1, 1) or max(conv.kernel) >= 5
-    return ConvAlgorithm.GEMM if strided and conv_to_gemm.eligible(conv) else ConvAlgorithm.DIRECT
+    """The rule, fitted to ResNet-50's layers measured here (bench/conv_algorithms.py):
+
+    - strided or large kernels read their input with gathers in the direct kernel: GEMM,
+      unless the output is small (< 14 wide), where im2col's copy does not pay off;
+    - 1x1: GEMM vectorizes across the whole image instead of one row; direct below 14x14;
+    - 3x3 stride 1 with >= 128 input channels and >= 12 output tiles of 4x4: Winograd
+      F(4x4,3x3) (its tile count is padded to 16, so few tiles waste most of the work);
+    - otherwise direct.
+    """
+    if not conv_to_gemm.eligible(conv):
+        return ConvAlgorithm.DIRECT
+    oh, ow = conv.output_hw
+    if conv.strides != (1, 1) or max(conv.kernel) >= 5:
+        return ConvAlgorithm.GEMM if ow >= 14 else ConvAlgorithm.DIRECT
+    if conv.kernel == (1, 1):
+        return ConvAlgorithm.GEMM if oh * ow >= 196 else ConvAlgorithm.DIRECT
+    tiles = conv.data_shape[0] * -(-oh // 4) * -(-ow // 4)
+    if winograd.eligible(conv) and conv.data_shape[1] >= 128 and tiles >= 12:
+        return ConvAlgorithm.WINOGRAD4
+    return ConvAlgorithm.DIRECT
 
 
 def emit(builder: relax.BlockBuilder, conv: Conv2D, algorithm: ConvAlgorithm):

@@ -17,7 +17,9 @@ channel, which recovers their integers exactly (at 4 bits when they sit on a 4-b
 Integer weights that fit in int4 ([-8, 7]: a layer annotated with ``weight_bits=4``) are
 stored packed two per byte and widened inside the layer's kernel (see ``_int4.py``): one TE
 compute, unpack then integer conv2d / matmul, added to the module and called with
-``call_tir``, so the artifact holds half the weight bytes.
+``call_tir``, so the artifact holds half the weight bytes. Group-wise INT4 weights
+(``QConfig.weight_group_size``: ``q * m`` with a uint8 multiplier ``m`` per group) are split
+back into packed ``q`` and ``m``, and the kernel multiplies them while unpacking.
 
 ``unsigned_activations=True`` keeps every activation in uint8 with its zero point shifted by
 128, the operand form x86 VNNI (u8 x s8) wants; the zero-point compensation in each layer's
@@ -32,7 +34,7 @@ from tvm import relax, te, topi
 from tvm.ir.expr import Constant
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._int4 import conv2d_int4, fits_int4, matmul_int4, pack_int4
+from ._int4 import conv2d_int4, factor_groups, fits_int4, matmul_int4, pack_int4
 from ._qdq import (
     QMAX,
     QMIN,
@@ -132,6 +134,7 @@ class _Kernels:
     def __init__(self, taken: set[str]) -> None:
         self.taken = taken
         self.builder = relax.BlockBuilder()  # gives each GlobalVar its function type
+        self.group_size = 0  # group-wise INT4 weights: annotate's group size, from the report
         self.added: list[tuple[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]] = []
 
     def add(self, name: str, prim) -> tvm.ir.GlobalVar:
@@ -154,6 +157,7 @@ def _realize(
     p = _Patterns()
     realized: list[str] = []
     kernels = kernels or _Kernels(set())
+    kernels.group_size = int(read_json_attr(func, REPORT_ATTR, {}).get("weight_group_size") or 0)
     func = relax.dpl.rewrite_call(p.compute, _compute_rewriter(p, realized, True, kernels), func)
     func = relax.dpl.rewrite_call(p.add, _add_rewriter(p, realized), func)
     var2val = relax.analysis.get_var2val(func)
@@ -254,11 +258,15 @@ def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool,
             constant = constant + np.round(bias / acc_scale).astype("int64")
         constant = np.clip(constant, -(2**31), 2**31 - 1).astype("int32")
         w_const = relax.const(w_int, "int8")
-        if fits_int4(w_int):
+        # The zero point's dtype is the activation's (uint8 after _to_unsigned).
+        x_dtype = str(m[p.dq_x].args[2].value.dtype)
+        grouped = None
+        if not fits_int4(w_int) and kernels.group_size:
+            grouped = factor_groups(w_int, axis=0 if is_conv else 1,
+                                    group_size=kernels.group_size)
+        if fits_int4(w_int) or grouped is not None:
             # INT4 weights: stored two per byte, unpacked inside the kernel.
-            # The zero point's dtype is the activation's (uint8 after _to_unsigned).
-            x_dtype = str(m[p.dq_x].args[2].value.dtype)
-            acc = _int4_kernel(anchor, x, zx, x_dtype, w_int, kernels)
+            acc = _int4_kernel(anchor, x, zx, x_dtype, w_int, kernels, grouped)
         elif is_conv:
             acc = _int_conv(anchor, x, zx, w_const)
         else:
@@ -301,12 +309,16 @@ def _weights(m, p: _Patterns, *, channel_axis: int):
 
 
 def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
-                 w_int: np.ndarray, kernels: _Kernels) -> relax.Expr:
-    """``call_tir`` of one TE kernel: unpack the int4 weights, then the integer conv/matmul."""
+                 w_int: np.ndarray, kernels: _Kernels, grouped=None) -> relax.Expr:
+    """``call_tir`` of one TE kernel: unpack the int4 weights (times their group multipliers
+    when group-wise), then the integer conv/matmul."""
     x_shape = [int(d) for d in x.ty.shape]
     x_te = te.placeholder(x_shape, x_dtype, name="x")
-    packed = pack_int4(w_int)
+    q, mult = grouped if grouped is not None else (w_int, None)
+    packed = pack_int4(q)
     w_te = te.placeholder([packed.size], "uint8", name="w_packed")
+    m_te = te.placeholder(list(mult.shape), "uint8", name="w_mult") if mult is not None else None
+    extra = {"mult": m_te, "group_size": kernels.group_size} if mult is not None else {}
     if anchor.op.name == "relax.nn.conv2d":
         attrs = anchor.attrs
         top, left, bottom, right = (int(v) for v in attrs.padding)
@@ -316,15 +328,19 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
         out = conv2d_int4(
             padded, w_te, weight_shape=w_int.shape, strides=[int(s) for s in attrs.strides],
             padding=[0, 0, 0, 0], dilation=[int(d) for d in attrs.dilation],
-            groups=int(attrs.groups),
+            groups=int(attrs.groups), **extra,
         )
         name = "conv2d_int4"
     else:
-        out = matmul_int4(x_te, w_te, weight_shape=w_int.shape)
+        out = matmul_int4(x_te, w_te, weight_shape=w_int.shape, **extra)
         name = "matmul_int4"
-    gv = kernels.add(name, te.create_prim_func([x_te, w_te, out], index_dtype_override="int64"))
+    te_args = [x_te, w_te, *([m_te] if m_te is not None else []), out]
+    gv = kernels.add(name, te.create_prim_func(te_args, index_dtype_override="int64"))
     out_ty = relax.TensorType([int(d) for d in out.shape], "int32")
-    return relax.call_tir(gv, [x, relax.const(packed, "uint8")], out_ty)
+    args = [x, relax.const(packed, "uint8")]
+    if mult is not None:
+        args.append(relax.const(mult, "uint8"))
+    return relax.call_tir(gv, args, out_ty)
 
 
 def _int_conv(conv: relax.Call, x: relax.Expr, zero: int, weight: relax.Expr) -> relax.Expr:

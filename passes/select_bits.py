@@ -21,15 +21,16 @@ unlike an accuracy drop, which is also too coarse on a few hundred images. The w
 lifted into parameters of one simulated model, so one compile serves every layer.
 
 Costs: packed weight bytes and bit-operations (MACs x weight bits x activation bits) per
-layer at each width, from the shapes. Latency is not measured by this pass (see the report
-in ``bit_allocation.py``'s ``--latency-budget`` error); a caller that has measured it can
-pass ``latencies``. Layers whose outputs meet in a residual add or a concat are tied.
+layer at each width, from the shapes; latency, when a ``measure`` callable is given (the
+build pipeline passes one for ``--latency-budget`` on a target that runs here), measured by
+building each layer alone at INT4 and at INT8 (its input quantize, the integer kernel, its
+requantize) and timing it. Layers whose outputs meet in a residual add or a concat are tied.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import tvm
@@ -45,6 +46,7 @@ from ._qdq import (
     QPOINTS_ATTR,
     REPORT_ATTR,
     quantize_weight,
+    quantize_weight_grouped,
     read_json_attr,
     with_json_attr,
 )
@@ -71,6 +73,9 @@ class SelectBits:
         Calibration batches the sensitivity runs use.
     latencies : mapping of layer name to {bits: seconds}, optional
         Measured kernel latencies, for a latency budget.
+    measure : callable, optional
+        ``measure(lone_layer_module, inputs) -> seconds`` (``tvmq.layer_latency``): each
+        layer's INT4 and INT8 kernels are built alone and timed with it.
     """
 
     def __init__(
@@ -81,12 +86,14 @@ class SelectBits:
         *,
         batches: int = 64,
         latencies: Mapping[str, Mapping[int, float]] | None = None,
+        measure: Callable[[tvm.IRModule, list], float] | None = None,
     ) -> None:
         self.dataset = dataset
         self.budget = budget
         self.qconfig = qconfig or QConfig()
         self.batches = batches
         self.latencies = dict(latencies or {})
+        self.measure = measure
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         main = mod["main"]
@@ -138,6 +145,8 @@ class SelectBits:
         vm = _observe.build(lifted)
         data = list(load_calibration_data(self.dataset, _model_inputs(main)))[: self.batches]
         feeds = [[tvm.runtime.tensor(f) for f in _feed_list(main, batch)] for batch in data]
+        for weight in weights:
+            weight.group_size = self.qconfig.weight_group_size
         base = [tvm.runtime.tensor(w.dequantized()) for w in weights]
 
         def outputs(weight_args):
@@ -160,12 +169,18 @@ class SelectBits:
                 for o, r in zip(got, ref, strict=True)
             )
             size, macs = weight.q.size, int(layer["macs"])
+            packed = (size + 1) // 2
+            if weight.group_size is not None and weight.axis is not None:
+                channels = weight.q.shape[weight.axis]
+                packed += channels * -(-(size // channels) // weight.group_size)
             act_bits = int(layer.get("activation_bits", 8))
             latency = self.latencies.get(layer["name"])
+            if latency is None and self.measure is not None:
+                latency = {b: self.measure(*_lone_layer(weight, b, layer)) for b in _WIDTHS}
             table.append(LayerCost(
                 layer["name"],
                 sensitivity={4: noise / signal, 8: 0.0},
-                weight_bytes={4: float((size + 1) // 2), 8: float(size)},
+                weight_bytes={4: float(packed), 8: float(size)},
                 bops={b: float(macs * b * act_bits) for b in _WIDTHS},
                 latency={b: float(latency[b]) for b in _WIDTHS} if latency else None,
             ))
@@ -178,23 +193,33 @@ class _Weight:
     scale: np.ndarray
     axis: int | None
     float_weight: np.ndarray
+    consumer: relax.Call | None = None  # the conv2d / matmul that takes the weight
+    group_size: int | None = None  # group-wise INT4 (QConfig.weight_group_size)
 
     def dequantized(self, bits: int = 8) -> np.ndarray:
         if bits == 8:
             return self.float_weight
         # From the INT8 values: within half an INT8 step of the float weights, far below
         # the INT4 step, so the sensitivity is that of the real INT4 weights.
-        q, scale = quantize_weight(self.float_weight, axis=self.axis, bits=bits)
+        q, scale = _quantize(self, bits)
         shape = [1] * q.ndim
         if self.axis is not None:
             shape[self.axis] = -1
         return (q.astype("float32") * scale.reshape(shape)).astype("float32")
 
 
+def _quantize(weight: _Weight, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    if weight.group_size is not None and bits <= 4 and weight.axis is not None:
+        return quantize_weight_grouped(weight.float_weight, axis=weight.axis, bits=bits,
+                                       group_size=weight.group_size)
+    return quantize_weight(weight.float_weight, axis=weight.axis, bits=bits)
+
+
 def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[_Weight]]:
     """``func`` with each weight dequantize replaced by a float parameter (in order)."""
     flat = relax.transform.ToNonDataflow()(tvm.IRModule({"main": func}))["main"]
     weights: list[_Weight] = []
+    weight_vars: list[relax.Var] = []
     params = []
     blocks = []
     for block in flat.body.blocks:
@@ -218,9 +243,16 @@ def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[_Weight]]:
                 param = relax.Var(f"w{len(params)}", relax.TensorType(list(q.shape), "float32"))
                 params.append(param)
                 bindings.append(relax.VarBinding(binding.var, param))
+                weight_vars.append(binding.var)
                 continue
             bindings.append(binding)
         blocks.append(relax.BindingBlock(bindings))
+    users = {
+        b.value.args[1]: b.value for block in flat.body.blocks for b in block.bindings
+        if isinstance(b.value, relax.Call) and len(b.value.args) > 1
+    }
+    for weight, var in zip(weights, weight_vars, strict=True):
+        weight.consumer = users.get(var)
     count = int(flat.attrs["num_input"]) if flat.attrs and "num_input" in flat.attrs else len(
         flat.params
     )
@@ -245,3 +277,35 @@ def _ties(report: dict) -> list[list[str]]:
                 ties.append(names)
     return ties
 
+
+
+def _lone_layer(weight: _Weight, bits: int, layer: dict) -> tuple[tvm.IRModule, list]:
+    """One layer alone, in QDQ form at ``bits``: what realize and the build make of it."""
+    call = weight.consumer
+    if call is None or not layer.get("input_scales"):
+        raise PipelineError(f"SelectBits cannot build layer {layer['name']} alone to time it")
+    shape = [int(d) for d in call.args[0].ty.shape]
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    scale_x = relax.const(layer["input_scales"][0], "float32")
+    zero_x = relax.const(layer["input_zero_points"][0], "int8")
+    q, scale = _quantize(weight, bits)
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            xq = builder.emit(relax.op.quantize(x, scale_x, zero_x))
+            xd = builder.emit(relax.op.dequantize(xq, scale_x, zero_x))
+            w = builder.emit(relax.op.dequantize(
+                relax.const(q, "int8"),
+                relax.const(scale if weight.axis is not None else scale.reshape(()), "float32"),
+                relax.const(0, "int8"), axis=weight.axis if weight.axis is not None else -1,
+            ))
+            y = builder.emit(relax.Call(call.op, [xd, w], call.attrs))
+            if layer.get("output_scale") is not None:
+                y = builder.emit(relax.op.quantize(
+                    y, relax.const(layer["output_scale"], "float32"),
+                    relax.const(layer["output_zero_point"], "int8"),
+                ))
+            out = builder.emit_output(y)
+        builder.emit_func_output(out)
+    data = np.random.default_rng(0).normal(size=shape).astype("float32")
+    return builder.get(), [data]

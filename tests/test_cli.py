@@ -82,6 +82,8 @@ def test_bad_input_shapes_flag_exits_2(tiny_model_path):
          "--disabled-pass 'Nope' is not in this pipeline"),
         (["compile", "{model}", "--input-shapes", "images:1x3x8x8", "-o", "a.tar"],
          "input_shapes names 'images' but the inputs"),
+        (["compile", "{model}", "--conv-override", "conv=wino", "-o", "a.tar"],
+         "'wino' is not a valid ConvAlgorithm"),
         (["run", "missing.tar"], "artifact 'missing.tar' does not exist"),
         (["run", "{artifact}", "--inputs", "missing.npz"], "inputs file 'missing.npz' does not"),
     ],

@@ -4,15 +4,24 @@ numpy reference of the integer arithmetic, and the weight constants really halve
 import numpy as np
 import pytest
 import tvm
-from test_quant_realize import SX, SY, ZX, ZY, _conv_int, _module, _random_input, _requant
+from test_quant_realize import SX, SY, ZX, ZY, _conv_int, _module, _requant
 from tvm import relax
 from tvm.ir.expr import Constant
 from tvmq.passes import RealizeQuantization
-from tvmq.passes._int4 import pack_int4, unpack_int4
+from tvmq.passes._int4 import factor_groups, pack_int4, unpack_int4
 from tvmq.passes._observe import host_target
-from tvmq.passes._qdq import quantize_weight
+from tvmq.passes._qdq import REPORT_ATTR, quantize_weight, quantize_weight_grouped, with_json_attr
+
+from tvmq.errors import ConfigError
+from tvmq.qconfig import QConfig
 
 RNG = np.random.default_rng(11)
+
+
+def _random_input(shape):
+    # Our own generator: drawing from test_quant_realize's would change its tests' data.
+    ints = RNG.integers(-128, 128, shape).astype(np.int8)
+    return ints, ((ints.astype(np.float32) - ZX) * np.float32(SX)).astype(np.float32)
 
 
 def _int4_weights(shape, axis):
@@ -116,3 +125,54 @@ def test_int4_survives_the_build_pipeline_packed():
         lowered = run_passes(mod, pipeline(preset))
     sizes = sorted(c.size for c in _constants(lowered) if c.ndim and c.size >= 16)
     assert (wq.size + 1) // 2 in sizes and wq.size not in sizes
+
+
+def _grouped_module(make, shape, group):
+    mod = _module(make, [shape])
+    main = with_json_attr(mod["main"], REPORT_ATTR, {"weight_group_size": group})
+    return tvm.IRModule({"main": main})
+
+
+@pytest.mark.parametrize("group", [4, 8])
+def test_groupwise_int4_conv2d_bit_exact(group):
+    w = RNG.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32)
+    w[:, :2] *= 0.1  # groups with a much smaller range get a smaller multiplier
+    w_int, ws = quantize_weight_grouped(w, axis=0, bits=4, group_size=group)
+    q, mult = factor_groups(w_int, axis=0, group_size=group)
+    assert q.min() >= -8 and q.max() <= 7 and mult.shape == (6, -(-36 // group))
+    assert len(np.unique(mult)) > 1
+    # Group-wise tracks the weights more closely than one scale per channel.
+    q4, s4 = quantize_weight(w, axis=0, bits=4)
+    grouped_error = np.abs(w_int * ws.reshape(-1, 1, 1, 1) - w).mean()
+    assert grouped_error < np.abs(q4 * s4.reshape(-1, 1, 1, 1) - w).mean()
+
+    mod = _grouped_module(
+        lambda x: relax.op.nn.conv2d(x, _dq(w_int, ws, 0), padding=[1, 1, 1, 1]),
+        (1, 4, 6, 6), group,
+    )
+    xq, x = _random_input((1, 4, 6, 6))
+    acc = _conv_int(xq, w_int, 1, ZX)
+    expected = _requant(acc, SX * ws.astype(np.float64) / SY, ZY, axis=1, ndim=4)
+    realized = RealizeQuantization()(mod)
+    np.testing.assert_array_equal(_run(realized, [x]), expected)
+    consts = _constants(realized)
+    packed = [c for c in consts if c.dtype == np.uint8 and c.ndim == 1]
+    assert [c.size for c in packed] == [w.size // 2]
+    assert not [c for c in consts if c.dtype == np.int8 and c.size == w.size]
+
+
+def test_groupwise_int4_matmul_bit_exact():
+    w = RNG.normal(0, 0.3, (16, 5)).astype(np.float32)
+    w_int, ws = quantize_weight_grouped(w, axis=1, bits=4, group_size=4)
+    mod = _grouped_module(lambda x: relax.op.matmul(x, _dq(w_int, ws, 1)), (2, 16), 4)
+    xq, x = _random_input((2, 16))
+    acc = (xq.astype(np.int64) - ZX) @ w_int.astype(np.int64)
+    expected = _requant(acc, SX * ws.astype(np.float64) / SY, ZY, axis=1, ndim=2)
+    realized = RealizeQuantization()(mod)
+    np.testing.assert_array_equal(_run(realized, [x]), expected)
+    assert any(gv.name_hint.startswith("matmul_int4") for gv in realized.get_global_vars())
+
+
+def test_groupwise_needs_a_valid_group_size():
+    with pytest.raises(ConfigError, match="weight_group_size=1 is not valid"):
+        QConfig(weight_bits=4, weight_group_size=1)

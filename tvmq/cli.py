@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
                    help="leave a pass out of the pipeline (repeatable)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the module after each pass")
+    c.add_argument("--conv-algorithm", default="predict",
+                   choices=["predict", "measure", "direct", "gemm", "winograd"],
+                   help="how each convolution's algorithm is chosen (measure: time them here)")
+    c.add_argument("--conv-override", action="append", default=[], metavar="NODE=ALGORITHM",
+                   type=_override, help="fix one layer's algorithm (ONNX node name or glob)")
     c.add_argument("-o", "--output", required=True, help="the artifact to write (.tar)")
     c.set_defaults(func=_compile)
 
@@ -82,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                    help='static input shapes: "name:1x3x224x224,other:1x10"')
     u.add_argument("--quantize", default="none", help="as for compile: none, int8, ...")
     u.add_argument("--calibration-data", help="as for compile, with --quantize int8")
+    for kind in ("size", "latency", "bops"):
+        u.add_argument(f"--{kind}-budget", metavar="B", help="as for compile, with mixed")
     u.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
                    help="as for compile: tune the kernels that build makes")
     u.add_argument("--trials", type=_positive, required=True,
@@ -142,6 +149,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _override(text: str) -> tuple[str, str]:
+    node, sep, algorithm = text.rpartition("=")
+    if not sep or not node:
+        raise argparse.ArgumentTypeError(f"--conv-override {text!r} is not NODE=ALGORITHM")
+    return node, algorithm
+
+
 def _input_shapes(text: str) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for item in text.split(","):
@@ -177,6 +191,8 @@ def _compile(args) -> int:
         input_shapes=args.input_shapes,
         disabled_passes=args.disabled_pass,
         dump_ir=args.dump_ir,
+        conv_algorithm=args.conv_algorithm,
+        conv_overrides=dict(args.conv_override),
     )
     artifact.export(args.output)
     size = os.path.getsize(args.output) / 1e6
@@ -201,6 +217,9 @@ def _tune(args) -> int:
         quantize=args.quantize,
         calibration_data=args.calibration_data,
         disabled_passes=args.disabled_pass,
+        size_budget=args.size_budget,
+        latency_budget=args.latency_budget,
+        bops_budget=args.bops_budget,
     )
     result = tune(
         args.model,

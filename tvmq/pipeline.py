@@ -23,6 +23,7 @@ from . import targets
 from .config import CompileConfig, QuantizeMode
 from .conv_measure import measurer
 from .errors import ConfigError, PipelineError
+from .layer_latency import layer_timer
 from .passes.annotate import AnnotateQuantization
 from .passes.calibrate import Calibrate
 from .passes.conv_algorithm import ChooseConvAlgorithm, ConvPolicy
@@ -67,7 +68,7 @@ def pipeline(
         relax.transform.FoldConstant(),
         # INT8 / INT4 / mixed: select bits, annotate and calibrate need constant weights
         # and must run before lowering.
-        *_quantization_passes(config),
+        *_quantization_passes(config, preset),
         # QDQ (ours, or a pre-quantized ONNX model's) becomes integer-only compute before
         # LegalizeOps lowers it; a module without QDQ passes through unchanged.
         RealizeQuantization(),
@@ -116,7 +117,7 @@ def _without_backend_schedules(passes: list[tvm.transform.Pass]) -> list[tvm.tra
     return [p for p in passes if pass_name(p) != "ApplyDefaultSchedule"]
 
 
-def _quantization_passes(config: CompileConfig) -> list[tvm.transform.Pass]:
+def _quantization_passes(config: CompileConfig, preset) -> list[tvm.transform.Pass]:
     if config.quantize == QuantizeMode.NONE:
         return []
     if config.calibration_data is None:
@@ -132,12 +133,26 @@ def _quantization_passes(config: CompileConfig) -> list[tvm.transform.Pass]:
         qconfig = dataclasses.replace(qconfig, weight_bits=4)
     elif config.quantize == QuantizeMode.MIXED:
         # Each layer's bits from its measured sensitivity and costs, under the budget.
-        select = [SelectBits(config.calibration_data, config.budget, qconfig)]
+        select = [SelectBits(config.calibration_data, config.budget, qconfig,
+                             measure=_layer_measure(config, preset))]
     return [
         *select,
         AnnotateQuantization(qconfig),
         Calibrate(config.calibration_data, qconfig.calibration, percentile=qconfig.percentile),
     ]
+
+
+def _layer_measure(config: CompileConfig, preset):
+    """A timer of lone layers for a latency budget (None for size and bit-operations)."""
+    if config.latency_budget is None:
+        return None
+    if not preset.runs_here():
+        raise ConfigError(
+            f"--latency-budget needs each layer timed on the target, and {preset.name} does "
+            "not run on this machine; use --size-budget or --bops-budget"
+        )
+    lone = dataclasses.replace(config, quantize="none", latency_budget=None)
+    return layer_timer(preset, lambda: pipeline(preset, lone))
 
 
 def _tuning_passes(config: CompileConfig, target: tvm.target.Target) -> list[tvm.transform.Pass]:

@@ -106,6 +106,10 @@ class QConfig:
         Layer names or op names (exact or glob) that stay float.
     overrides : mapping of str to LayerOverride
         Per-layer settings, keyed by layer name or glob.
+    weight_group_size : int, optional
+        Group-wise INT4: layers at 4 bits or fewer get one scale per group of this many
+        input elements of each output channel (an integer multiple of the channel's scale,
+        so the kernel stays integer-only). None: per channel.
     """
 
     weight_bits: int = 8
@@ -116,9 +120,17 @@ class QConfig:
     percentile: float = 99.99
     skip: tuple[str, ...] = ()
     overrides: Mapping[str, LayerOverride] = field(default_factory=dict)
+    weight_group_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_weight_bits(self.weight_bits, "QConfig")
+        group = self.weight_group_size
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int)
+                                  or group < 2):
+            raise ConfigError(
+                f"QConfig weight_group_size={group!r} is not valid; use an integer >= 2 "
+                "(e.g. 32) or None for per-channel scales"
+            )
         bits = self.activation_bits
         if isinstance(bits, bool) or bits not in _ACTIVATION_BITS:
             raise ConfigError(

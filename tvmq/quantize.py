@@ -22,8 +22,8 @@ from .calibration_data import CalibrationSet, CalibrationSource
 from .errors import ConfigError
 from .passes._qdq import REPORT_ATTR
 from .passes.annotate import AnnotateQuantization
-from .passes.calibrate import Calibrate
 from .passes.bit_allocation import Budget
+from .passes.calibrate import Calibrate
 from .passes.realize import RealizeQuantization
 from .passes.select_bits import SelectBits
 from .qconfig import QConfig
@@ -36,7 +36,10 @@ class QuantizationReport:
     Attributes
     ----------
     layers : tuple of dict
-        Per quantized layer: ``name``, ``op``, ``fused`` ops, ``weight_bits``,
+        Per quantized layer: ``name``, ``op``, ``fused`` ops, ``weight_bits``, ``weight_bytes``
+        (packed), ``macs`` and ``bops``; under ``--quantize mixed`` also ``sensitivity``,
+        ``weight_bytes_by_bits``, ``bops_by_bits``, ``latency_s_by_bits`` (when measured) and
+        ``bits_from`` ("solver" or "override");
         ``weight_scales``, ``input_scales`` / ``input_zero_points``, ``output_scale`` /
         ``output_zero_point`` (None when the layer's output is float), ``activation_bits``
         and ``sqnr_db`` (of its output against the float model on the calibration data).
@@ -83,7 +86,7 @@ class QuantizationReport:
                 for key in ("name", "op", "fused", "weight_bits", "activation_bits",
                             "input_scales", "input_zero_points", "output_scale",
                             "output_zero_point", "sqnr_db", "weight_bytes", "bops",
-                            "sensitivity", "bits_from")
+                            "sensitivity", "bits_from", "latency_s_by_bits")
             }
             for layer in self.layers
         ]
