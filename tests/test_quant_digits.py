@@ -156,3 +156,24 @@ def test_cli_quantize_report(tmp_path, capsys):
                      "-o", str(out)])
     assert code == 1
     assert "has an array 'images' but the model's inputs are: input" in capsys.readouterr().err
+
+
+def test_vnni_target_realizes_uint8_activations():
+    """x86-vnni gets u8 activations (VNNI's u8 x s8), other targets s8; the +128 shift's
+    compensation is in the bias, so both compute the same integers (tested bit-exact in
+    test_quant_realize)."""
+    from tvmq.build import run_passes
+    from tvmq.config import CompileConfig
+    from tvmq.examples import DIGITS_CALIBRATION, DIGITS_MODEL
+    from tvmq.pipeline import pass_name
+
+    texts = {}
+    for target in ("x86-vnni", "x86-avx2"):
+        preset = tvmq.targets.resolve(target)
+        config = CompileConfig(quantize="int8", calibration_data=DIGITS_CALIBRATION)
+        passes = tvmq.pipeline(preset, config)
+        upto = [pass_name(p) for p in passes].index("RealizeQuantization") + 1
+        with preset.tvm_target():
+            texts[target] = run_passes(tvmq.load(DIGITS_MODEL), passes[:upto]).script()
+    assert '"uint8"' in texts["x86-vnni"]
+    assert '"uint8"' not in texts["x86-avx2"] and '"int8"' in texts["x86-avx2"]
