@@ -59,14 +59,18 @@ def host_target() -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
 
 
-def build(func: relax.Function) -> relax.VirtualMachine:
+def build(func: relax.Function, context: tvm.IRModule | None = None) -> relax.VirtualMachine:
     """Compile an observer for this CPU, with tvmq's default schedules (untuned TVM loops
-    would make calibrating a ResNet-50 take minutes)."""
+    would make calibrating a ResNet-50 take minutes); ``context`` is the module ``func``
+    comes from."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvmq.schedules import default_schedule_passes
 
     target = host_target()
-    mod = tvm.IRModule({"main": func})
+    # The functions ``func`` calls (PrimFuncs the importer emitted, e.g. for Clip) come along.
+    others = {gv: f for gv, f in (context.functions_items() if context else []) if
+              gv.name_hint != "main"}
+    mod = tvm.IRModule({**others, "main": func})
     mod = relax.transform.ConvertToDataflow(min_size=1)(mod)
     passes = [
         *cpu.library_dispatch_passes(target),

@@ -75,7 +75,7 @@ class Calibrate:
             return mod  # nothing annotated (or a pre-quantized model): nothing to calibrate
         data = load_calibration_data(self.dataset, _model_inputs(main))
         observer, order = _observe.expose(main, simulated=False)
-        vm = _observe.build(observer)
+        vm = _observe.build(observer, mod)
         stats = {i: _observe.PointStats() for i in order}
         for feeds in data:
             _, values = _observe.run(vm, _feed_list(main, feeds))
@@ -91,7 +91,7 @@ class Calibrate:
                if self.method == CalibrationMethod.PERCENTILE else {}),
         }
         if self.report_batches > 0:
-            _measure_sqnr(report, main, chosen, vm, data, self.report_batches)
+            _measure_sqnr(report, mod, chosen, vm, data, self.report_batches)
         _describe_points(report, chosen)
         calibrated = with_json_attr(calibrated, REPORT_ATTR, report)
         calibrated = calibrated.without_attr(QPOINTS_ATTR)
@@ -205,10 +205,10 @@ def _fill(func: relax.Function, chosen: dict[int, tuple[float, int]]) -> relax.F
     return relax.dpl.rewrite_call(dequantize_pattern(), rewrite, func)
 
 
-def _measure_sqnr(report, main, chosen, float_vm, data: Sequence, batches: int) -> None:
+def _measure_sqnr(report, mod, chosen, float_vm, data: Sequence, batches: int) -> None:
     """SQNR (dB) of each layer's output in the simulated model against the float model."""
-    simulated, order = _observe.expose(main, simulated=True)
-    sim_vm = _observe.build(_fill(simulated, chosen))
+    simulated, order = _observe.expose(mod["main"], simulated=True)
+    sim_vm = _observe.build(_fill(simulated, chosen), mod)
     wanted = {}
     for layer in report["layers"]:
         if layer.get("output_point") is not None:
@@ -218,7 +218,7 @@ def _measure_sqnr(report, main, chosen, float_vm, data: Sequence, batches: int) 
     signal = dict.fromkeys(wanted, 0.0)
     noise = dict.fromkeys(wanted, 0.0)
     for feeds in list(data)[:batches]:
-        feed_list = _feed_list(main, feeds)
+        feed_list = _feed_list(mod["main"], feeds)
         float_out, float_points = _observe.run(float_vm, feed_list)
         sim_out, sim_points = _observe.run(sim_vm, feed_list)
         for name, (kind, i) in wanted.items():

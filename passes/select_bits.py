@@ -142,7 +142,7 @@ class SelectBits:
                 f"SelectBits found {len(weights)} weight constants for {len(layers)} layers; "
                 "run it on the model before AnnotateQuantization"
             )
-        vm = _observe.build(lifted)
+        vm = _observe.build(lifted, mod)
         data = list(load_calibration_data(self.dataset, _model_inputs(main)))[: self.batches]
         feeds = [[tvm.runtime.tensor(f) for f in _feed_list(main, batch)] for batch in data]
         for weight in weights:
