@@ -53,44 +53,40 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", parents=[common], help="compile a model into an artifact")
-    c.add_argument("model", help="the .onnx file")
-    c.add_argument("--target", default="x86", help="a preset (tvmq targets) or a JSON dict")
-    c.add_argument("--input-shapes", type=_input_shapes, default=None,
-                   help='static input shapes: "name:1x3x224x224,other:1x10"')
-    c.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "mixed"])
-    c.add_argument("--calibration-data",
-                   help="an .npz (arrays named after the inputs) or a directory of .npz/.npy")
-    c.add_argument("--quantize-report", metavar="FILE.json",
-                   help="write the per-layer quantization report (scales, bits, SQNR)")
+    # The graph options: compile and tune take the same ones, so tune measures the very
+    # kernels compile builds.
+    graph = argparse.ArgumentParser(add_help=False)
+    graph.add_argument("model", help="the .onnx file")
+    graph.add_argument("--target", default="x86", help="a preset (tvmq targets) or a JSON dict")
+    graph.add_argument("--input-shapes", type=_input_shapes, default=None,
+                       help='static input shapes: "name:1x3x224x224,other:1x10"')
+    graph.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "mixed"])
+    graph.add_argument("--calibration-data",
+                       help="an .npz (arrays named after the inputs) or a directory of .npz/.npy")
     for kind, example in (("size", "0.6 or 1.5MB"), ("latency", "0.6 or 2ms"),
                           ("bops", "0.6 or 3G")):
-        c.add_argument(f"--{kind}-budget", metavar="B",
-                       help=f"--quantize mixed: the {kind} budget, a fraction of the INT8 "
-                            f"model or an amount ({example})")
+        graph.add_argument(f"--{kind}-budget", metavar="B",
+                           help=f"--quantize mixed: the {kind} budget, a fraction of the INT8 "
+                                f"model or an amount ({example})")
+    graph.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
+                       help="leave a pass out of the pipeline (repeatable)")
+    graph.add_argument("--conv-algorithm", default="predict",
+                       choices=["predict", "measure", "direct", "gemm", "winograd"],
+                       help="how each convolution's algorithm is chosen (measure: time them)")
+    graph.add_argument("--conv-override", action="append", default=[], metavar="NODE=ALGORITHM",
+                       type=_override, help="fix one layer's algorithm (ONNX node name or glob)")
+
+    c = sub.add_parser("compile", parents=[common, graph],
+                       help="compile a model into an artifact")
+    c.add_argument("--quantize-report", metavar="FILE.json",
+                   help="write the per-layer quantization report (scales, bits, SQNR)")
     c.add_argument("--tuning-records", help="a tvmq tune --records directory")
-    c.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
-                   help="leave a pass out of the pipeline (repeatable)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the module after each pass")
-    c.add_argument("--conv-algorithm", default="predict",
-                   choices=["predict", "measure", "direct", "gemm", "winograd"],
-                   help="how each convolution's algorithm is chosen (measure: time them here)")
-    c.add_argument("--conv-override", action="append", default=[], metavar="NODE=ALGORITHM",
-                   type=_override, help="fix one layer's algorithm (ONNX node name or glob)")
     c.add_argument("-o", "--output", required=True, help="the artifact to write (.tar)")
     c.set_defaults(func=_compile)
 
-    u = sub.add_parser("tune", parents=[common], help="tune a model's kernels for a target")
-    u.add_argument("model", help="the .onnx file")
-    u.add_argument("--target", default="x86", help="a preset (tvmq targets) or a JSON dict")
-    u.add_argument("--input-shapes", type=_input_shapes, default=None,
-                   help='static input shapes: "name:1x3x224x224,other:1x10"')
-    u.add_argument("--quantize", default="none", help="as for compile: none, int8, ...")
-    u.add_argument("--calibration-data", help="as for compile, with --quantize int8")
-    for kind in ("size", "latency", "bops"):
-        u.add_argument(f"--{kind}-budget", metavar="B", help="as for compile, with mixed")
-    u.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
-                   help="as for compile: tune the kernels that build makes")
+    u = sub.add_parser("tune", parents=[common, graph],
+                       help="tune a model's kernels for a target")
     u.add_argument("--trials", type=_positive, required=True,
                    help="measurements in all, shared by the kernels")
     u.add_argument("--records", required=True, metavar="DIR",
@@ -172,27 +168,35 @@ def _input_shapes(text: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _graph_options(args) -> dict:
+    """The options ``compile`` and ``tune`` share, as ``tvmq.compile`` keywords (which are
+    also the CompileConfig fields)."""
+    if args.calibration_data and args.quantize == "none":
+        raise ConfigError("--calibration-data is only used with --quantize int8, int4 or mixed")
+    return {
+        "quantize": args.quantize,
+        "calibration_data": args.calibration_data,
+        "size_budget": args.size_budget,
+        "latency_budget": args.latency_budget,
+        "bops_budget": args.bops_budget,
+        "disabled_passes": args.disabled_pass,
+        "conv_algorithm": args.conv_algorithm,
+        "conv_overrides": dict(args.conv_override),
+    }
+
+
 def _compile(args) -> int:
     from .build import compile
 
-    if args.calibration_data and args.quantize == "none":
-        raise ConfigError("--calibration-data is only used with --quantize int8, int4 or mixed")
     start = time.perf_counter()
     artifact = compile(
         args.model,
         target=_target_arg(args.target),
-        quantize=args.quantize,
-        calibration_data=args.calibration_data,
-        quantize_report=args.quantize_report,
-        size_budget=args.size_budget,
-        latency_budget=args.latency_budget,
-        bops_budget=args.bops_budget,
-        tuning_records=args.tuning_records,
         input_shapes=args.input_shapes,
-        disabled_passes=args.disabled_pass,
+        quantize_report=args.quantize_report,
+        tuning_records=args.tuning_records,
         dump_ir=args.dump_ir,
-        conv_algorithm=args.conv_algorithm,
-        conv_overrides=dict(args.conv_override),
+        **_graph_options(args),
     )
     artifact.export(args.output)
     size = os.path.getsize(args.output) / 1e6
@@ -208,19 +212,11 @@ def _tune(args) -> int:
     from .config import CompileConfig
     from .schedules.tune import RPCTracker, tune
 
-    if args.calibration_data and args.quantize == "none":
-        raise ConfigError("--calibration-data is only used with --quantize int8, int4 or mixed")
+    options = _graph_options(args)
     if args.rpc_key and not args.rpc_tracker:
         raise ConfigError("--rpc-key needs --rpc-tracker HOST:PORT")
     rpc = RPCTracker.parse(args.rpc_tracker, args.rpc_key or "") if args.rpc_tracker else None
-    config = CompileConfig(
-        quantize=args.quantize,
-        calibration_data=args.calibration_data,
-        disabled_passes=args.disabled_pass,
-        size_budget=args.size_budget,
-        latency_budget=args.latency_budget,
-        bops_budget=args.bops_budget,
-    )
+    config = CompileConfig(**options)
     result = tune(
         args.model,
         target=_target_arg(args.target),
