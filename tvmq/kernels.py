@@ -29,7 +29,7 @@ def kernel_table(mod: tvm.IRModule) -> dict[str, dict[str, Any]]:
             "nodes": [str(n) for n in origins.get(name, [])],
             "ops": _ops(func),
             "bytes": _bytes(func),
-            "precision": _precision(func),
+            "precision": _precision(name, func),
             "algorithm": _algorithm(name, func),
         }
     return table
@@ -55,9 +55,9 @@ def _bytes(func: tirx.PrimFunc) -> int:
     return total
 
 
-def _precision(func: tirx.PrimFunc) -> str:
+def _precision(name: str, func: tirx.PrimFunc) -> str:
     dtypes = {str(p.dtype) for p in func.params if getattr(p, "shape", None) is not None}
-    if (func.attrs or {}).get("tvmq.int4"):
+    if "int4" in name:  # realize names its packed-weight kernels conv2d_int4 / matmul_int4
         return "int4"
     if dtypes & {"int8", "uint8"}:
         return "int8"
