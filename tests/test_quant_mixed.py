@@ -95,6 +95,9 @@ def test_int4_weights_take_at_most_055_of_the_int8_weight_bytes(builds):
     assert int4_bytes <= 0.55 * int8_bytes
     assert int4_bytes == sum(x["weight_bytes"] for x in report.layers if "weight_bits" in x)
     assert {x["weight_bits"] for x in _weight_layers(builds / "int4.json")} == {4}
+    # The profiler's kernel table says which kernels run on packed INT4 weights.
+    kernels = tvmq.runtime.load(builds / "int4.tar").manifest["kernels"]
+    assert sum(k["precision"] == "int4" for k in kernels.values()) >= 6  # 5 convs + the FC
 
 
 def test_overrides_win_over_the_solver():
