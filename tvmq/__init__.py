@@ -20,6 +20,10 @@ from .frontend import load
 from .pipeline import pipeline
 from .qconfig import QConfig
 from .quantize import QuantizationReport, quantize
+from .threads import use_every_core
+
+# Before any kernel runs: TVM would otherwise use half the cores of a machine without SMT.
+use_every_core()
 
 __all__ = [
     "CompileConfig",

@@ -30,6 +30,7 @@ import numpy as np
 from .frontend import random_inputs
 from .runtime import Model, load
 from .targets.preset import host_cpu_features
+from .threads import use_every_core
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def peak_gops(manifest: Mapping) -> dict[str, float]:
     arch = manifest.get("arch", "x86_64")
     lanes = 4 if arch == "aarch64" else 16 if "avx512f" in features else 8
     int8_factor = 4 if {"avx512_vnni", "avx_vnni", "asimddp"} & features else 2
-    cores = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+    cores = use_every_core()
     fp32 = lanes * 2 * 2 * cores * _clock_ghz()
     return {"fp32": fp32, "fp16": fp32, "int8": fp32 * int8_factor, "int4": fp32 * int8_factor}
 
