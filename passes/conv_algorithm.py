@@ -28,7 +28,7 @@ from tvm import relax
 
 from tvmq.frontend import ORIGINS_ATTR
 
-from . import conv_to_gemm, winograd
+from . import conv_blocked, conv_to_gemm, winograd
 from ._conv import Conv2D
 
 CONV_ALGORITHMS_ATTR = "tvmq.conv_algorithms"
@@ -81,8 +81,19 @@ def predict(conv: Conv2D) -> ConvAlgorithm:
     return ConvAlgorithm.DIRECT
 
 
-def emit(builder: relax.BlockBuilder, conv: Conv2D, algorithm: ConvAlgorithm):
-    """The rewritten call for ``algorithm``, or None to keep the conv2d (direct)."""
+def emit(
+    builder: relax.BlockBuilder, conv: Conv2D, algorithm: ConvAlgorithm,
+    weight_block: int | None = None,
+):
+    """The rewritten call for ``algorithm``, or None to keep the conv2d.
+
+    ``direct`` is the blocked-weight kernel where the target gives a ``weight_block`` (CPUs)
+    and the convolution fits it, else the conv2d as it is (TVM's own direct kernel).
+    """
+    if algorithm is ConvAlgorithm.DIRECT:
+        if conv_blocked.eligible(conv, weight_block):
+            return conv_blocked.emit_blocked(builder, conv, weight_block)
+        return None
     if algorithm is ConvAlgorithm.GEMM:
         return conv_to_gemm.emit_gemm(builder, conv)
     if algorithm in (ConvAlgorithm.WINOGRAD2, ConvAlgorithm.WINOGRAD4):
@@ -101,12 +112,19 @@ class ChooseConvAlgorithm:
     overrides : mapping of ONNX node name or glob to ConvAlgorithm
     measure : callable, optional
         ``measure(conv, algorithm) -> milliseconds``; needed by the ``measure`` policy.
+    weight_block : int, optional
+        Output channels per weight block of the blocked direct kernel (CPU targets: two
+        vector widths); None keeps direct convolutions as TVM's conv2d.
     """
 
-    def __init__(self, policy: ConvPolicy = ConvPolicy.PREDICT, *, overrides=None, measure=None):
+    def __init__(
+        self, policy: ConvPolicy = ConvPolicy.PREDICT, *, overrides=None, measure=None,
+        weight_block: int | None = None,
+    ):
         self.policy = ConvPolicy(policy)
         self.overrides = {k: ConvAlgorithm(v) for k, v in (overrides or {}).items()}
         self.measure = measure
+        self.weight_block = weight_block
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
@@ -134,7 +152,7 @@ class ChooseConvAlgorithm:
                 "algorithm": algorithm.value,
                 "measured_ms": times,
             })
-            return emit(builder, conv, algorithm)
+            return emit(builder, conv, algorithm, self.weight_block)
 
         mod = winograd.rewrite_convolutions(mod, rewrite)
         return mod.with_attr(CONV_ALGORITHMS_ATTR, json.dumps(records))

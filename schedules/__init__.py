@@ -12,6 +12,7 @@ import tvm
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.schedule.schedule import ScheduleError
 
+from .cpu_conv import BlockedConv
 from .cpu_injective import InjectiveParallel
 from .cpu_tiling import MultiplyAccumulateTiling
 from .cpu_winograd import WinogradConv
@@ -22,11 +23,13 @@ _log = logging.getLogger("tvmq.schedules")
 
 
 def _cpu_rules():
-    # First rule that accepts a kernel wins: Winograd convolutions, tiled multiply-accumulate
-    # kernels, then TVM's own CPU rules for matrix-vector and row reductions (softmax,
-    # norms), then a parallel vectorized loop nest for everything else.
+    # First rule that accepts a kernel wins: Winograd convolutions, blocked direct
+    # convolutions, tiled multiply-accumulate kernels, then TVM's own CPU rules for
+    # matrix-vector and row reductions (softmax, norms), then a parallel vectorized loop
+    # nest for everything else.
     return [
         WinogradConv(),
+        BlockedConv(),
         MultiplyAccumulateTiling(),
         dl.cpu.GEMV(),
         dl.cpu.Reduction(),

@@ -20,6 +20,14 @@ def vector_bits(target: Target) -> int:
     return 128
 
 
+def conv_weight_block(target: Target) -> int | None:
+    """Output channels per weight block of the blocked direct convolution: two float32
+    vectors on CPUs (the register tile's width), None elsewhere (GPUs keep TVM's conv2d)."""
+    if target.kind.name != "llvm":
+        return None
+    return 2 * vector_bits(target) // 32
+
+
 def num_vector_registers(target: Target) -> int:
     if llvm_cpu_has_features(["avx512f"], target):
         return 32

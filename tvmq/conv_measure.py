@@ -2,7 +2,7 @@
 
 Each candidate is built alone (the convolution and nothing else) through the same pipeline
 the model is built with, so it gets the same schedules, and timed with TVM's
-``time_evaluator``. Results are cached per target and shape in ``conv_algorithms.json``
+``time_evaluator``. Results are cached per target and shape in ``conv_algorithms-v2.json``
 under ``$TVMQ_CACHE_DIR`` (default ``~/.cache/tvmq``).
 """
 
@@ -19,13 +19,15 @@ from tvm import relax
 
 from .passes._conv import Conv2D
 from .passes.conv_algorithm import ConvAlgorithm, MeasurementCache, emit, random_conv_input
+from .schedules.cpu_common import conv_weight_block
 
 
 def cache_path() -> str:
     root = os.environ.get("TVMQ_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "tvmq"
     )
-    return os.path.join(root, "conv_algorithms.json")
+    # v2: "direct" became the blocked-weight kernel; older timings are of another kernel.
+    return os.path.join(root, "conv_algorithms-v2.json")
 
 
 def measurer(preset, passes: Callable[[], list]) -> Callable[[Conv2D, ConvAlgorithm], float]:
@@ -44,7 +46,7 @@ def measurer(preset, passes: Callable[[], list]) -> Callable[[Conv2D, ConvAlgori
         lone = dataclasses.replace(conv, data=data)
         with builder.function("main", [data]):
             with builder.dataflow():
-                value = emit(builder, lone, algorithm)
+                value = emit(builder, lone, algorithm, conv_weight_block(preset.tvm_target()))
                 if value is None:
                     value = relax.op.nn.conv2d(
                         data, relax.const(conv.weight), conv.strides, conv.padding,

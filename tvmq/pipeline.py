@@ -33,6 +33,7 @@ from .passes.select_bits import SelectBits
 from .qconfig import QConfig
 from .schedules import default_schedule_passes
 from .schedules.apply_records import ApplyTuningRecords
+from .schedules.cpu_common import conv_weight_block
 
 # The TVM backend module whose stage functions lower a module for each target kind.
 _BACKENDS: dict[str, ModuleType] = {
@@ -108,7 +109,10 @@ def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
         else:
             # A cross target cannot be timed here; its layers take the fitted rule.
             policy = ConvPolicy.PREDICT
-    return ChooseConvAlgorithm(policy, overrides=config.conv_overrides, measure=measure)
+    return ChooseConvAlgorithm(
+        policy, overrides=config.conv_overrides, measure=measure,
+        weight_block=conv_weight_block(preset.tvm_target()),
+    )
 
 
 def _around_fuse_ops(passes: list[tvm.transform.Pass]) -> list[tvm.transform.Pass]:

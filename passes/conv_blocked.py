@@ -1,0 +1,85 @@
+"""The direct convolution with its weights blocked by output channel, for CPUs.
+
+``out[n, oc, y, x] = sum over (ic, ky, kx) of data[n, ic, y*s + ky, x*s + kx] * w[oc, ic, ky, kx]``
+with the weight stored as ``[OC / B, IC, KH, KW, B]`` (a constant computed here), B a small
+multiple of the vector width. The kernel keeps a register tile of a few output pixels by
+B output channels: each step of the reduction loads B consecutive weights as vectors and
+broadcasts one input value per pixel, so every load feeds several fused multiply-adds and
+the weights stream in order from cache. Data and output stay NCHW: the bias, activation
+and residual add after the convolution fuse into the kernel, and the graph needs no
+layout transforms. ``schedules/cpu_conv.py`` schedules the kernel, found by its block's
+``tvmq.kernel`` attribute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, te, topi
+
+from ._conv import Conv2D
+
+KERNEL_ATTR = "tvmq.kernel"
+KERNEL_NAME = "conv2d_blocked"
+
+
+def eligible(conv: Conv2D, block: int | None) -> bool:
+    """Ungrouped float32 convolutions whose output channels split into blocks."""
+    return (
+        block is not None
+        and conv.groups == 1
+        and conv.out_dtype == "float32"
+        and str(conv.data.ty.dtype) == "float32"
+        and weight_block(conv, block) is not None
+    )
+
+
+def weight_block(conv: Conv2D, block: int) -> int | None:
+    """The channel block for ``conv``: ``block``, or half of it when that divides instead."""
+    out_channels = conv.weight.shape[0]
+    for size in (block, block // 2):
+        if size >= 1 and out_channels % size == 0:
+            return size
+    return None
+
+
+def blocked_weight(weight: np.ndarray, block: int) -> np.ndarray:
+    """OIHW -> [O / block, I, KH, KW, block]."""
+    out_channels, in_channels, kh, kw = weight.shape
+    grouped = weight.reshape(out_channels // block, block, in_channels, kh, kw)
+    return np.ascontiguousarray(grouped.transpose(0, 2, 3, 4, 1))
+
+
+def emit_blocked(builder: relax.BlockBuilder, conv: Conv2D, block: int) -> relax.Expr:
+    """The blocked direct form of ``conv`` (its kernel added to ``builder``)."""
+    size = weight_block(conv, block)
+    weight = relax.const(blocked_weight(conv.weight, size))
+    return builder.call_te(
+        conv2d_blocked, conv.data, weight, conv.strides, conv.padding, conv.dilation,
+        primfunc_name_hint=KERNEL_NAME,
+    )
+
+
+def conv2d_blocked(data, weight, strides, padding, dilation):
+    batch, _, height, width = (int(d) for d in data.shape)
+    blocks, in_channels, kh, kw, block = (int(d) for d in weight.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    padded = (
+        topi.nn.pad(data, (0, 0, top, left), (0, 0, bottom, right), name="data_pad")
+        if any(padding) else data
+    )
+    ic = te.reduce_axis((0, in_channels), name="ic")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute(
+        (batch, blocks * block, oh, ow),
+        lambda n, oc, y, x: te.sum(
+            padded[n, ic, y * sh + ry * dh, x * sw + rx * dw]
+            * weight[oc // block, ic, ry, rx, oc % block],
+            axis=[ic, ry, rx],
+        ),
+        name=KERNEL_NAME,
+        attrs={KERNEL_ATTR: KERNEL_NAME},
+    )

@@ -1,0 +1,99 @@
+"""Default CPU schedule for the blocked direct convolution (passes/conv_blocked.py).
+
+The register tile is ``rows`` output pixels (``hi`` rows by ``wi`` columns of the image) by
+``vo`` vectors of output channels. Per step of the reduction it loads ``vo`` weight vectors
+and broadcasts ``rows`` input values into ``rows * vo`` fused multiply-adds, so the tile is
+chosen to use as many accumulators as the vector registers hold beside those loads. Tiles
+run in parallel, output-channel block outermost so one block's weights stay in cache
+across the image; the fused epilogue runs on each tile while it is in cache.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+from tvmq.passes.conv_blocked import KERNEL_ATTR, KERNEL_NAME
+
+from .cpu_common import (
+    loop_extent,
+    num_vector_registers,
+    schedule_injective,
+    top_level_blocks,
+    vector_bits,
+)
+
+
+class BlockedConv(CPUScheduleRule):
+    """Kernels whose main block is ``conv2d_blocked``, with prologue and epilogue blocks."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = top_level_blocks(sch)
+        index = next((i for i, b in enumerate(blocks) if _is_blocked_conv(sch, b)), None)
+        if index is None:
+            return None
+        main = blocks[index]
+        lanes = vector_bits(target) // 32
+        block = int(sch.get(main).reads[-1].source.shape[-1])
+        loops = sch.get_loops(main)
+        extents = [loop_extent(sch, loop) for loop in loops[:4]]
+        if any(e is None for e in extents) or block % lanes:
+            return None
+        _, _, oh, ow = extents
+        hi, wi, vo = choose_tile(oh, ow, block // lanes, num_vector_registers(target))
+
+        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
+        for later in epilogue[:-1]:
+            sch.compute_inline(later)
+        n, oc, y, x, *reduction = sch.get_loops(main)
+        oc_outer, oc_inner = sch.split(oc, factors=[None, vo * lanes])
+        y_outer, y_inner = sch.split(y, factors=[None, hi])
+        x_outer, x_inner = sch.split(x, factors=[None, wi])
+        vectors, vector = sch.split(oc_inner, factors=[vo, lanes])
+        sch.reorder(oc_outer, n, y_outer, x_outer, *reduction, y_inner, x_inner, vectors, vector)
+        tile = sch.fuse(oc_outer, n, y_outer, x_outer)
+        sch.parallel(tile)
+        for loop in (y_inner, x_inner, vectors):
+            sch.unroll(loop)
+        sch.vectorize(vector)
+        sch.decompose_reduction(main, reduction[0])
+        sch.reverse_compute_at(epilogue[-1], tile)
+        for earlier in blocks[:index]:
+            schedule_injective(sch, earlier, lanes)
+        return sch
+
+
+def choose_tile(oh: int, ow: int, vectors: int, registers: int) -> tuple[int, int, int]:
+    """(hi, wi, vo): the register tile with the most accumulators that fit.
+
+    ``vo`` weight vectors and one broadcast register stay beside the ``hi * wi * vo``
+    accumulators (one more spare keeps LLVM from spilling). Ties go to more vectors per
+    pixel, then to square tiles, which reread the fewest input values for k x k windows.
+    Measured on ResNet-50's 3x3 layers (AVX2, 2 threads): 2x2 pixels x 2 vectors ran at
+    ~140 GFLOP/s against ~100 for 1x4 x 2 and 1x7 x 1.
+    """
+    best, best_key = (1, 1, 1), None
+    for vo in range(1, vectors + 1):
+        if vectors % vo:
+            continue
+        rows = (registers - vo - 2) // vo
+        for hi in _divisors(oh):
+            for wi in _divisors(ow):
+                if hi * wi > rows:
+                    continue
+                key = (hi * wi * vo, vo, -abs(hi - wi), wi)
+                if best_key is None or key > best_key:
+                    best, best_key = (hi, wi, vo), key
+    return best
+
+
+def _divisors(extent: int) -> list[int]:
+    return [d for d in range(1, extent + 1) if extent % d == 0]
+
+
+def _is_blocked_conv(sch: s_tir.Schedule, block) -> bool:
+    annotations = sch.get(block).annotations
+    return str(annotations.get(KERNEL_ATTR, "")) == KERNEL_NAME
