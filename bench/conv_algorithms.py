@@ -16,9 +16,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-from tvmq.passes.conv_algorithm import predict
-
 import tvmq
 from tvmq.models import light_zoo_models
 
@@ -46,7 +43,7 @@ def bench(name: str, path: str, work: str) -> str:
         ms = record["measured_ms"]
         cells = [f"{ms[a]:.3f}" if a in ms else "-"
                  for a in ("direct", "gemm", "winograd2", "winograd4")]
-        predicted = _predicted(record)
+        predicted = record["predicted"]
         agree += predicted == record["algorithm"]
         lines.append(
             f"| {record['node']} | {'x'.join(map(str, record['input_shape']))} | "
@@ -59,15 +56,6 @@ def bench(name: str, path: str, work: str) -> str:
                  f"(measured choice) {measured_ms:.2f} ms ({direct_ms / measured_ms:.2f}x); "
                  f"the predict rule agrees with measurement on {agree}/{len(records)} layers")
     return "\n".join(lines)
-
-
-def _predicted(record) -> str:
-    from tvmq.passes._conv import Conv2D
-
-    weight = np.zeros(record["weight_shape"], np.float32)
-    conv = Conv2D(None, weight, tuple(record["strides"]), (0, 0, 0, 0), (1, 1), 1, "float32",
-                  tuple(record["input_shape"]))
-    return predict(conv).value
 
 
 def main(argv=None) -> int:

@@ -60,9 +60,12 @@ def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
     return result
 
 
-def predict(conv: Conv2D) -> ConvAlgorithm:
+def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
     """The rule, fitted to ResNet-50's layers measured here (bench/conv_algorithms.py):
 
+    - where the blocked direct kernel applies (CPU, ungrouped float32, output channels in
+      blocks): direct. Measured with 2 threads on AVX2 it ran ResNet-50's 3x3 layers at
+      ~140 GFLOP/s and its 1x1 layers at 60-85, where GEMM's kernels reached 11-40;
     - strided or large kernels read their input with gathers in the direct kernel: GEMM,
       unless the output is small (< 14 wide), where im2col's copy does not pay off;
     - 1x1: GEMM vectorizes across the whole image instead of one row; direct below 14x14;
@@ -71,7 +74,7 @@ def predict(conv: Conv2D) -> ConvAlgorithm:
       unrolled transforms cost ~10 s of TIR simplification per kernel (minutes on DenseNet),
       so the rule leaves it to ``measure`` and to overrides.
     """
-    if not conv_to_gemm.eligible(conv):
+    if conv_blocked.eligible(conv, weight_block) or not conv_to_gemm.eligible(conv):
         return ConvAlgorithm.DIRECT
     oh, ow = conv.output_hw
     if conv.strides != (1, 1) or max(conv.kernel) >= 5:
@@ -141,7 +144,7 @@ class ChooseConvAlgorithm:
                     times = {a.value: self.measure(conv, a) for a in options}
                     algorithm = ConvAlgorithm(min(times, key=times.get))
                 elif self.policy is ConvPolicy.PREDICT or self.policy is ConvPolicy.MEASURE:
-                    algorithm = predict(conv)
+                    algorithm = predict(conv, self.weight_block)
                 else:
                     algorithm = self._fixed(options)
             records.append({
@@ -150,6 +153,7 @@ class ChooseConvAlgorithm:
                 "weight_shape": list(conv.weight.shape),
                 "strides": list(conv.strides),
                 "algorithm": algorithm.value,
+                "predicted": predict(conv, self.weight_block).value,
                 "measured_ms": times,
             })
             return emit(builder, conv, algorithm, self.weight_block)

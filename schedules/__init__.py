@@ -24,15 +24,15 @@ _log = logging.getLogger("tvmq.schedules")
 
 def _cpu_rules():
     # First rule that accepts a kernel wins: Winograd convolutions, blocked direct
-    # convolutions, tiled multiply-accumulate kernels, then TVM's own CPU rules for
-    # matrix-vector and row reductions (softmax, norms), then a parallel vectorized loop
-    # nest for everything else.
+    # convolutions, tiled multiply-accumulate kernels, TVM's own CPU rule for matrix-vector
+    # products, then a parallel vectorized loop nest for everything else (row reductions
+    # included: dlight's cpu.Reduction recomputed a [1, 1000] softmax's max and sum once per
+    # output element, 2.6 ms instead of microseconds).
     return [
         WinogradConv(),
         BlockedConv(),
         MultiplyAccumulateTiling(),
         dl.cpu.GEMV(),
-        dl.cpu.Reduction(),
         InjectiveParallel(),
     ]
 
