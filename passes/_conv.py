@@ -11,7 +11,7 @@ from tvm import relax
 
 @dataclass(frozen=True)
 class Conv2D:
-    """A float NCHW/OIHW conv2d whose weight is a constant."""
+    """An NCHW/OIHW conv2d whose weight is a constant (float, or integer when read so)."""
 
     data: relax.Expr
     weight: np.ndarray
@@ -21,6 +21,10 @@ class Conv2D:
     groups: int
     out_dtype: str
     data_shape: tuple[int, ...]
+
+    @property
+    def is_integer(self) -> bool:
+        return not str(self.data.ty.dtype).startswith("float")
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -35,8 +39,14 @@ class Conv2D:
         return oh, ow
 
 
-def read_conv2d(call: relax.Call, constants: dict | None = None) -> Conv2D | None:
-    """The conv2d a call computes, if it is a float NCHW conv2d with a constant weight."""
+_INTEGER_DATA = ("int8", "uint8")
+
+
+def read_conv2d(
+    call: relax.Call, constants: dict | None = None, *, integer: bool = False
+) -> Conv2D | None:
+    """The conv2d a call computes, if it is a float NCHW conv2d with a constant weight (or,
+    with ``integer``, also an int8/uint8 x int8 -> int32 one, as RealizeQuantization emits)."""
     if not isinstance(call, relax.Call) or getattr(call.op, "name", None) != "relax.nn.conv2d":
         return None
     attrs = call.attrs
@@ -48,7 +58,10 @@ def read_conv2d(call: relax.Call, constants: dict | None = None) -> Conv2D | Non
     if not isinstance(weight, tvm.ir.expr.Constant):
         return None
     data_ty = data.ty
-    if not isinstance(data_ty, relax.TensorType) or data_ty.dtype not in ("float32", "float16"):
+    if not isinstance(data_ty, relax.TensorType):
+        return None
+    integral = integer and data_ty.dtype in _INTEGER_DATA and weight.value.dtype == "int8"
+    if data_ty.dtype not in ("float32", "float16") and not integral:
         return None
     try:
         shape = tuple(int(d) for d in data_ty.shape.values)

@@ -53,6 +53,10 @@ class ConvPolicy(StrEnum):
 
 def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
     result = [ConvAlgorithm.DIRECT]
+    if conv.is_integer:
+        # Quantized layers keep the exact integer direct path (Winograd's transforms would
+        # round; GEMM measured slower than the blocked direct kernel everywhere).
+        return result
     if conv_to_gemm.eligible(conv):
         result.append(ConvAlgorithm.GEMM)
     if winograd.eligible(conv):
@@ -140,7 +144,9 @@ class ChooseConvAlgorithm:
             times = {}
             algorithm = self._override(node, options)
             if algorithm is None:
-                if self.policy is ConvPolicy.MEASURE and self.measure is not None:
+                if len(options) == 1:
+                    algorithm = options[0]
+                elif self.policy is ConvPolicy.MEASURE and self.measure is not None:
                     times = {a.value: self.measure(conv, a) for a in options}
                     algorithm = ConvAlgorithm(min(times, key=times.get))
                 elif self.policy is ConvPolicy.PREDICT or self.policy is ConvPolicy.MEASURE:
@@ -158,7 +164,7 @@ class ChooseConvAlgorithm:
             })
             return emit(builder, conv, algorithm, self.weight_block)
 
-        mod = winograd.rewrite_convolutions(mod, rewrite)
+        mod = winograd.rewrite_convolutions(mod, rewrite, integer=True)
         return mod.with_attr(CONV_ALGORITHMS_ATTR, json.dumps(records))
 
     def _override(self, node: str, options) -> ConvAlgorithm | None:

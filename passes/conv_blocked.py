@@ -6,9 +6,9 @@ multiple of the vector width. The kernel keeps a register tile of a few output p
 B output channels: each step of the reduction loads B consecutive weights as vectors and
 broadcasts one input value per pixel, so every load feeds several fused multiply-adds and
 the weights stream in order from cache. Data and output stay NCHW: the bias, activation
-and residual add after the convolution fuse into the kernel, and the graph needs no
-layout transforms. ``schedules/cpu_conv.py`` schedules the kernel, found by its block's
-``tvmq.kernel`` attribute.
+and residual add (or a quantized layer's requantize) after the convolution fuse into the
+kernel, and the graph needs no layout transforms. ``schedules/cpu_conv.py`` schedules the
+kernel, found by its block's ``tvmq.kernel`` attribute.
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ KERNEL_ATTR = "tvmq.kernel"
 KERNEL_NAME = "conv2d_blocked"
 
 
+# (data, output) dtypes the kernel computes: float32, and the int8/uint8 x int8 -> int32
+# convolutions of quantized layers (products and sums in int32, exact).
+_DTYPES = {("float32", "float32"), ("int8", "int32"), ("uint8", "int32")}
+
+
 def eligible(conv: Conv2D, block: int | None) -> bool:
-    """Ungrouped float32 convolutions whose output channels split into blocks."""
+    """Ungrouped convolutions of a supported dtype whose output channels split into blocks."""
     return (
         block is not None
         and conv.groups == 1
-        and conv.out_dtype == "float32"
-        and str(conv.data.ty.dtype) == "float32"
+        and (str(conv.data.ty.dtype), conv.out_dtype) in _DTYPES
         and weight_block(conv, block) is not None
     )
 
@@ -55,11 +59,11 @@ def emit_blocked(builder: relax.BlockBuilder, conv: Conv2D, block: int) -> relax
     weight = relax.const(blocked_weight(conv.weight, size))
     return builder.call_te(
         conv2d_blocked, conv.data, weight, conv.strides, conv.padding, conv.dilation,
-        primfunc_name_hint=KERNEL_NAME,
+        conv.out_dtype, primfunc_name_hint=KERNEL_NAME,
     )
 
 
-def conv2d_blocked(data, weight, strides, padding, dilation):
+def conv2d_blocked(data, weight, strides, padding, dilation, out_dtype: str):
     batch, _, height, width = (int(d) for d in data.shape)
     blocks, in_channels, kh, kw, block = (int(d) for d in weight.shape)
     (sh, sw), (dh, dw) = strides, dilation
@@ -76,8 +80,8 @@ def conv2d_blocked(data, weight, strides, padding, dilation):
     return te.compute(
         (batch, blocks * block, oh, ow),
         lambda n, oc, y, x: te.sum(
-            padded[n, ic, y * sh + ry * dh, x * sw + rx * dw]
-            * weight[oc // block, ic, ry, rx, oc % block],
+            padded[n, ic, y * sh + ry * dh, x * sw + rx * dw].astype(out_dtype)
+            * weight[oc // block, ic, ry, rx, oc % block].astype(out_dtype),
             axis=[ic, ry, rx],
         ),
         name=KERNEL_NAME,

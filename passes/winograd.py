@@ -178,9 +178,10 @@ class ConvToWinograd:
         return rewrite_convolutions(mod, rewrite)
 
 
-def rewrite_convolutions(mod: tvm.IRModule, rewrite) -> tvm.IRModule:
+def rewrite_convolutions(mod: tvm.IRModule, rewrite, *, integer: bool = False) -> tvm.IRModule:
     """Bind each conv2d's variable to ``rewrite(builder, conv, binding_name)`` instead, where
     that returns an expression (a call of a kernel the rewrite added to the builder).
+    ``integer`` also offers the integer convolutions of quantized layers.
 
     A PyExprMutator rather than a pattern: the replacement is a TE kernel, which only a
     BlockBuilder can add to the module.
@@ -189,7 +190,7 @@ def rewrite_convolutions(mod: tvm.IRModule, rewrite) -> tvm.IRModule:
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
         def visit_var_binding_(self, binding) -> None:
-            conv = read_conv2d(binding.value)
+            conv = read_conv2d(binding.value, integer=integer)
             if conv is not None:
                 conv = _with_data(conv, self.visit_expr(conv.data))
                 replacement = rewrite(self.builder_, conv, binding.var.name)

@@ -69,17 +69,17 @@ class BlockedConv(CPUScheduleRule):
 def choose_tile(oh: int, ow: int, vectors: int, registers: int) -> tuple[int, int, int]:
     """(hi, wi, vo): the register tile with the most accumulators that fit.
 
-    ``vo`` weight vectors and one broadcast register stay beside the ``hi * wi * vo``
-    accumulators (one more spare keeps LLVM from spilling). Ties go to more vectors per
-    pixel, then to square tiles, which reread the fewest input values for k x k windows.
-    Measured on ResNet-50's 3x3 layers (AVX2, 2 threads): 2x2 pixels x 2 vectors ran at
-    ~140 GFLOP/s against ~100 for 1x4 x 2 and 1x7 x 1.
+    At most ``registers - 4`` accumulators: the weight vectors, a broadcast register and a
+    spare stay free (on AVX2, 14 accumulators spilled and ran at 47 GFLOP/s where 7 ran at
+    70). Ties go to more vectors per pixel, then to square tiles, which reread the fewest
+    input values for k x k windows. Measured on ResNet-50's 3x3 layers (AVX2, 2 threads):
+    2x2 pixels x 2 vectors ran at ~140 GFLOP/s against ~100 for 1x4 x 2 and 1x7 x 1.
     """
     best, best_key = (1, 1, 1), None
     for vo in range(1, vectors + 1):
         if vectors % vo:
             continue
-        rows = (registers - vo - 2) // vo
+        rows = (registers - 4) // vo
         for hi in _divisors(oh):
             for wi in _divisors(ow):
                 if hi * wi > rows:
