@@ -203,6 +203,7 @@ def main(argv=None) -> int:
             results[name] = bench_model(name, builders[name](work), work, args.repeat)
     table = markdown(results)
     print(table)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as handle:
         handle.write(table + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as handle:

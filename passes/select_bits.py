@@ -216,14 +216,12 @@ def _quantize(weight: _Weight, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[_Weight]]:
-    """``func`` with each weight dequantize replaced by a float parameter (in order)."""
+    """``func`` with each layer's weight (a dequantized constant) replaced by a float
+    parameter, one per consuming layer in order: layers whose weights are the same constant
+    (deduplicated by the importer or a pass) still each get their own."""
     flat = relax.transform.ToNonDataflow()(tvm.IRModule({"main": func}))["main"]
-    weights: list[_Weight] = []
-    weight_vars: list[relax.Var] = []
-    params = []
-    blocks = []
+    dequantized: dict[relax.Var, tuple] = {}
     for block in flat.body.blocks:
-        bindings = []
         for binding in block.bindings:
             value = binding.value
             if (
@@ -232,27 +230,28 @@ def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[_Weight]]:
                 and isinstance(value.args[0], Constant)
                 and value.args[0].value.numpy().ndim >= 2
             ):
-                q = value.args[0].value.numpy()
-                scale = value.args[1].value.numpy().astype("float32").reshape(-1)
-                axis = int(value.attrs.axis) % q.ndim if scale.size > 1 else None
-                shape = [1] * q.ndim
-                if axis is not None:
-                    shape[axis] = -1
-                weight = (q.astype("float32") * scale.reshape(shape)).astype("float32")
-                weights.append(_Weight(q, scale, axis, weight))
+                dequantized[binding.var] = _read_weight(value)
+    weights: list[_Weight] = []
+    params = []
+    blocks = []
+    for block in flat.body.blocks:
+        bindings = []
+        for binding in block.bindings:
+            value = binding.value
+            if (
+                isinstance(value, relax.Call)
+                and len(value.args) > 1
+                and value.args[1] in dequantized
+            ):
+                q, scale, axis, weight = dequantized[value.args[1]]
                 param = relax.Var(f"w{len(params)}", relax.TensorType(list(q.shape), "float32"))
                 params.append(param)
-                bindings.append(relax.VarBinding(binding.var, param))
-                weight_vars.append(binding.var)
-                continue
+                weights.append(_Weight(q, scale, axis, weight, consumer=value))
+                value = relax.Call(value.op, [value.args[0], param, *value.args[2:]],
+                                   value.attrs, value.ty_args)
+                binding = relax.VarBinding(binding.var, value)
             bindings.append(binding)
         blocks.append(relax.BindingBlock(bindings))
-    users = {
-        b.value.args[1]: b.value for block in flat.body.blocks for b in block.bindings
-        if isinstance(b.value, relax.Call) and len(b.value.args) > 1
-    }
-    for weight, var in zip(weights, weight_vars, strict=True):
-        weight.consumer = users.get(var)
     count = int(flat.attrs["num_input"]) if flat.attrs and "num_input" in flat.attrs else len(
         flat.params
     )
@@ -261,6 +260,17 @@ def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[_Weight]]:
                             flat.attrs)
     lifted = relax.transform.Normalize()(tvm.IRModule({"main": lifted}))["main"]
     return lifted, weights
+
+
+def _read_weight(dequantize: relax.Call) -> tuple:
+    """(int8 values, scales, axis or None, float weight) of a weight dequantize."""
+    q = dequantize.args[0].value.numpy()
+    scale = dequantize.args[1].value.numpy().astype("float32").reshape(-1)
+    axis = int(dequantize.attrs.axis) % q.ndim if scale.size > 1 else None
+    shape = [1] * q.ndim
+    if axis is not None:
+        shape[axis] = -1
+    return q, scale, axis, (q.astype("float32") * scale.reshape(shape)).astype("float32")
 
 
 def _ties(report: dict) -> list[list[str]]:

@@ -114,3 +114,37 @@ def test_shape_chains_fold_and_compile(tmp_path):
     (y,) = tvmq.runtime.load(tmp_path / "chain.tar").run(x=x).values()
     (expected,) = reference(model, {"x": x})
     assert relative_error(y, expected) <= 1e-6
+
+
+def _shared_weight_residual_model() -> onnx.ModelProto:
+    """Two convs sharing one weight initializer, summed by an ONNX Sum, then a Max."""
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "w"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Sum", ["b", "x", "x"], ["s"], name="residual"),
+        helper.make_node("Max", ["s", "x"], ["y"], name="max"),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_sum_and_max_of_tensors_import_as_binary_ops(tmp_path):
+    model = _shared_weight_residual_model()
+    path = tmp_path / "sum.onnx"
+    onnx.save(model, path)
+    text = tvmq.load(path).script()
+    assert "R.stack" not in text and "R.sum" not in text
+    assert text.count("R.add(") == 2 and "R.maximum(" in text
+    artifact = tvmq.compile(path, target="x86")
+    artifact.export(tmp_path / "sum.tar")
+    x = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
+    (y,) = tvmq.runtime.load(tmp_path / "sum.tar").run(x=x).values()
+    (expected,) = reference(model, {"x": x})
+    assert relative_error(y, expected) <= 1e-5

@@ -136,3 +136,21 @@ def test_latency_budget_times_each_layer_at_int4_and_int8(tmp_path):
     for layer in _weight_layers(report):
         assert set(layer["latency_s_by_bits"]) == {"4", "8"}
         assert all(t > 0 for t in layer["latency_s_by_bits"].values())
+
+
+def test_layers_sharing_one_weight_constant_are_allocated_separately(tmp_path):
+    # Two convs on one initializer: the cost table still has one row per layer.
+    import onnx
+    from test_frontend import _shared_weight_residual_model
+
+    path = tmp_path / "shared.onnx"
+    onnx.save(_shared_weight_residual_model(), path)
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    report = tmp_path / "report.json"
+    tvmq.compile(path, quantize="mixed", size_budget=0.8, calibration_data=calibration,
+                 quantize_report=report)
+    layers = [layer for layer in json.loads(report.read_text())["layers"]
+              if layer.get("weight_bits")]
+    assert len(layers) == 2
+    assert sorted(layer["weight_bits"] for layer in layers) == [4, 8]

@@ -9,6 +9,7 @@ the build can write them into the artifact's manifest.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -144,13 +145,28 @@ class _NamingImporter(ONNXGraphImporter):
         self.node_of_var: dict[str, str] = {}
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
-        result = super()._convert_operator(op_name, inputs, attrs, opset)
+        pairwise = _PAIRWISE.get(op_name)
+        if pairwise is not None and len(inputs) > 1 and not all(
+            isinstance(i, tvm.ir.GenericConst) for i in inputs
+        ):
+            # Sum/Max/Min of tensors as a chain of binary ops (the same values under ONNX's
+            # broadcasting): TVM's importer stacks broadcast copies and reduces them, which
+            # costs a kernel and copies per residual add and keeps it out of fusion and
+            # out of the integer quantizer.
+            result = functools.reduce(
+                lambda lhs, rhs: self.bb.normalize(pairwise(lhs, rhs)), inputs
+            )
+        else:
+            result = super()._convert_operator(op_name, inputs, attrs, opset)
         node_name = str(attrs.get("tvm_custom", {}).get("name") or op_name)
         if isinstance(result, relax.Call | relax.TupleGetItem):
             result = self.bb.emit(result, name_hint=_var_name(node_name))
         if isinstance(result, relax.Var):
             self.node_of_var.setdefault(result.name, node_name)
         return result
+
+
+_PAIRWISE = {"Sum": relax.op.add, "Max": relax.op.maximum, "Min": relax.op.minimum}
 
 
 def _var_name(node_name: str) -> str:
