@@ -31,6 +31,7 @@ test: setup setup-system
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.run --models digits --budgets 0.55,0.6,0.7,0.8,0.9 --name bits
 	$(PY) -m bench.conv_algorithms | tee bench/conv_algorithms.md
 
 lint: setup

@@ -1,11 +1,12 @@
-"""``make bench``: models x {ORT FP32, ORT INT8, tvmq FP32, tvmq INT8, tvmq mixed}, one run.
+"""``make bench``: models x {ORT FP32, ORT INT8, tvmq FP32, INT8, INT4, mixed}, one run.
 
 Every latency is a median measured in this run on this machine, batch 1, with ONNX Runtime
 measured beside tvmq; ratios are against ONNX Runtime FP32 (> 1 means faster than it).
-Accuracy is reported where the model has real data (the bundled digits). Writes
-``bench/results.md`` and ``bench/results.json`` and prints the table.
+Accuracy is reported where the model has real data (the bundled digits). Mixed INT4/INT8
+builds run at each ``--budgets`` size budget. Writes ``bench/NAME.md`` and
+``bench/NAME.json`` (``--name``, default ``results``) and prints the table.
 
-    python -m bench.run [--models digits,resnet50,...] [--repeat N] [--out DIR]
+    python -m bench.run [--models digits,resnet50,...] [--budgets 0.6,0.8] [--repeat N]
 """
 
 from __future__ import annotations
@@ -108,7 +109,18 @@ def _accuracy(predict: Callable[[np.ndarray], np.ndarray]) -> float:
     return hits / len(labels)
 
 
-def bench_model(name: str, path: str, work: str, repeat: int) -> list[Cell]:
+def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, str | None]]:
+    """(label, mode, size budget) of each tvmq build: FP32, INT8, INT4 (W4A8), and mixed
+    INT4/INT8 at each size budget (a fraction of the INT8 weight bytes)."""
+    return [
+        ("tvmq-fp32", QuantizeMode.NONE, None),
+        ("tvmq-int8", QuantizeMode.INT8, None),
+        ("tvmq-int4", QuantizeMode.INT4, None),
+        *((f"tvmq-mixed-{b}", QuantizeMode.MIXED, b) for b in budgets),
+    ]
+
+
+def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str]) -> list[Cell]:
     session = _ort_session(path)
     feed = {i.name: np.random.default_rng(0).random(
         [d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)
@@ -133,8 +145,7 @@ def bench_model(name: str, path: str, work: str, repeat: int) -> list[Cell]:
     except Exception as err:  # the peer failing on a model is a result, not a crash
         cell = Cell("ort-int8", note=f"failed: {type(err).__name__}")
     cells.append(cell)
-    for mode in (QuantizeMode.NONE, QuantizeMode.INT8, QuantizeMode.MIXED):
-        label = {"none": "tvmq-fp32", "int8": "tvmq-int8", "mixed": "tvmq-mixed-0.6"}[mode.value]
+    for label, mode, budget in tvmq_builds(budgets):
         if mode not in BUILT_QUANTIZE_MODES:
             cells.append(Cell(label, note="not built yet"))
             continue
@@ -143,7 +154,7 @@ def bench_model(name: str, path: str, work: str, repeat: int) -> list[Cell]:
         options = {} if mode is QuantizeMode.NONE else {
             "quantize": mode.value, "calibration_data": calibration}
         if mode is QuantizeMode.MIXED:
-            options["size_budget"] = "0.6"  # INT4/INT8 per layer within 0.6 of INT8 bytes
+            options["size_budget"] = budget  # INT4/INT8 per layer within this of INT8 bytes
         try:
             start = time.perf_counter()
             tvmq.compile(path, target="x86", **options).export(artifact)
@@ -161,8 +172,8 @@ def bench_model(name: str, path: str, work: str, repeat: int) -> list[Cell]:
     return cells
 
 
-def markdown(results: dict[str, list[Cell]]) -> str:
-    builds = ["ort-fp32", "ort-int8", "tvmq-fp32", "tvmq-int8", "tvmq-mixed-0.6"]
+def markdown(results: dict[str, list[Cell]], budgets: list[str]) -> str:
+    builds = ["ort-fp32", "ort-int8", *(label for label, _, _ in tvmq_builds(budgets))]
     lines = [
         "| model | " + " | ".join(builds) + " |",
         "|---|" + "---|" * len(builds),
@@ -193,20 +204,26 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(_models()))
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--budgets", default="0.6",
+                        help="size budgets of the mixed builds, comma-separated (e.g. 0.6,0.8)")
+    parser.add_argument("--name", default="results",
+                        help="file name (without extension) of the tables written to --out")
     args = parser.parse_args(argv)
     builders = _models()
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     results = {}
     with tempfile.TemporaryDirectory(prefix="tvmq-bench-") as work:
         for name in args.models.split(","):
             if name not in builders:
                 parser.error(f"unknown model {name!r}; choose from {', '.join(builders)}")
-            results[name] = bench_model(name, builders[name](work), work, args.repeat)
-    table = markdown(results)
+            results[name] = bench_model(name, builders[name](work), work, args.repeat,
+                                        budgets)
+    table = markdown(results, budgets)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.md"), "w") as handle:
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as handle:
         handle.write(table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as handle:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as handle:
         json.dump({k: [asdict(c) for c in v] for k, v in results.items()}, handle, indent=2)
     return 0
 

@@ -14,6 +14,7 @@ from tvm.s_tir.schedule.schedule import ScheduleError
 
 from .cpu_conv import BlockedConv
 from .cpu_injective import InjectiveParallel
+from .cpu_matmul import BlockedMatmul
 from .cpu_tiling import MultiplyAccumulateTiling
 from .cpu_winograd import WinogradConv
 from .cuda import TensorCoreMatmul
@@ -24,13 +25,14 @@ _log = logging.getLogger("tvmq.schedules")
 
 def _cpu_rules():
     # First rule that accepts a kernel wins: Winograd convolutions, blocked direct
-    # convolutions, tiled multiply-accumulate kernels, TVM's own CPU rule for matrix-vector
-    # products, then a parallel vectorized loop nest for everything else (row reductions
-    # included: dlight's cpu.Reduction recomputed a [1, 1000] softmax's max and sum once per
-    # output element, 2.6 ms instead of microseconds).
+    # convolutions and matmuls, tiled multiply-accumulate kernels, TVM's own CPU rule for
+    # matrix-vector products, then a parallel vectorized loop nest for everything else
+    # (row reductions included: dlight's cpu.Reduction recomputed a [1, 1000] softmax's max
+    # and sum once per output element, 2.6 ms instead of microseconds).
     return [
         WinogradConv(),
         BlockedConv(),
+        BlockedMatmul(),
         MultiplyAccumulateTiling(),
         dl.cpu.GEMV(),
         InjectiveParallel(),

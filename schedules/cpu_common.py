@@ -20,12 +20,18 @@ def vector_bits(target: Target) -> int:
     return 128
 
 
-def conv_weight_block(target: Target) -> int | None:
-    """Output channels per weight block of the blocked direct convolution: two float32
-    vectors on CPUs (the register tile's width), None elsewhere (GPUs keep TVM's conv2d)."""
+def weight_block(target: Target) -> int | None:
+    """Output channels (columns) per weight block of the blocked convolution and matmul
+    kernels: two float32 vectors on CPUs (the register tile's width), None elsewhere (GPUs
+    keep TVM's conv2d and matmul with their own schedules)."""
     if target.kind.name != "llvm":
         return None
-    return 2 * vector_bits(target) // 32
+    return 2 * float32_lanes(target)
+
+
+def float32_lanes(target: Target) -> int:
+    """float32 (and int32) values per vector register."""
+    return vector_bits(target) // 32
 
 
 def num_vector_registers(target: Target) -> int:

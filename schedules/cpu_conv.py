@@ -16,11 +16,11 @@ from tvm.target import Target
 from tvmq.passes.conv_blocked import KERNEL_ATTR, KERNEL_NAME
 
 from .cpu_common import (
+    float32_lanes,
     loop_extent,
     num_vector_registers,
     schedule_injective,
     top_level_blocks,
-    vector_bits,
 )
 
 
@@ -36,7 +36,7 @@ class BlockedConv(CPUScheduleRule):
         if index is None:
             return None
         main = blocks[index]
-        lanes = vector_bits(target) // 32
+        lanes = float32_lanes(target)
         block = int(sch.get(main).reads[-1].source.shape[-1])
         loops = sch.get_loops(main)
         extents = [loop_extent(sch, loop) for loop in loops[:4]]

@@ -107,7 +107,7 @@ def test_a_schedule_that_changes_the_result_is_caught():
     schedule = Schedule(tvm.IRModule({"main": kernel}))
     assert check_kernel(kernel, schedule.mod["main"], target=TARGET.tvm_target()).ok
     # Storing the accumulator as float16 is a real loss of precision, not a reordering.
-    block = schedule.get_sblock("conv2d_nchw")
+    block = schedule.get_sblock("conv2d_blocked")
     schedule.unsafe_set_dtype(block, 0, "float16")
     check = check_kernel(kernel, schedule.mod["main"], target=TARGET.tvm_target(), name="conv")
     assert not check.ok

@@ -19,7 +19,7 @@ from tvm import relax
 
 from .passes._conv import Conv2D
 from .passes.conv_algorithm import ConvAlgorithm, MeasurementCache, emit, random_conv_input
-from .schedules.cpu_common import conv_weight_block
+from .schedules.cpu_common import weight_block
 
 
 def cache_path() -> str:
@@ -46,7 +46,7 @@ def measurer(preset, passes: Callable[[], list]) -> Callable[[Conv2D, ConvAlgori
         lone = dataclasses.replace(conv, data=data)
         with builder.function("main", [data]):
             with builder.dataflow():
-                value = emit(builder, lone, algorithm, conv_weight_block(preset.tvm_target()))
+                value = emit(builder, lone, algorithm, weight_block(preset.tvm_target()))
                 if value is None:
                     value = relax.op.nn.conv2d(
                         data, relax.const(conv.weight), conv.strides, conv.padding,

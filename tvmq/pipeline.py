@@ -28,12 +28,13 @@ from .passes.annotate import AnnotateQuantization
 from .passes.calibrate import Calibrate
 from .passes.conv_algorithm import ChooseConvAlgorithm, ConvPolicy
 from .passes.kernel_origins import RecordKernelOrigins, TagOrigins
+from .passes.matmul_blocked import BlockMatmulWeights
 from .passes.realize import RealizeQuantization
 from .passes.select_bits import SelectBits
 from .qconfig import QConfig
 from .schedules import default_schedule_passes
 from .schedules.apply_records import ApplyTuningRecords
-from .schedules.cpu_common import conv_weight_block
+from .schedules.cpu_common import weight_block
 
 # The TVM backend module whose stage functions lower a module for each target kind.
 _BACKENDS: dict[str, ModuleType] = {
@@ -75,6 +76,12 @@ def pipeline(
         RealizeQuantization(unsigned_activations=_vnni(preset)),
         # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
         _conv_algorithm_pass(preset, config),
+        # Matmuls with constant weights read them blocked by output column (CPUs).
+        BlockMatmulWeights(weight_block(tvm_target)),
+        # exp, erf, tanh and softmax as TVM's vectorizable polynomial approximations (float32
+        # error ~1e-7); libm's scalar erf made BERT's GELU epilogue cost as much as its
+        # 768x3072 matmul. --disabled-pass FastMathTransform keeps the exact functions.
+        relax.transform.FastMathTransform(),
         # Library dispatch, LegalizeOps, FuseOps and FuseTIR (the backend's dlight pass left out);
         # around FuseOps, the ONNX nodes each kernel computes are recorded for reports.
         *backend.library_dispatch_passes(tvm_target),
@@ -111,7 +118,7 @@ def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
             policy = ConvPolicy.PREDICT
     return ChooseConvAlgorithm(
         policy, overrides=config.conv_overrides, measure=measure,
-        weight_block=conv_weight_block(preset.tvm_target()),
+        weight_block=weight_block(preset.tvm_target()),
     )
 
 

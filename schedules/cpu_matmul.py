@@ -1,0 +1,70 @@
+"""Default CPU schedule for the blocked-weight matmul (passes/matmul_blocked.py).
+
+The same register tile as the blocked convolution (schedules/cpu_conv.py): a few rows of
+the activation by ``vo`` vectors of output columns, each reduction step loading ``vo``
+weight vectors and broadcasting one activation per row. Tiles run in parallel with the
+column block outermost, so a block's weights (K x B) stay in cache across all rows.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+from tvmq.passes.matmul_blocked import KERNEL_ATTR, KERNEL_NAME
+
+from .cpu_common import (
+    float32_lanes,
+    loop_extent,
+    num_vector_registers,
+    schedule_injective,
+    schedule_tile_epilogue,
+    top_level_blocks,
+)
+from .cpu_conv import choose_tile
+
+
+class BlockedMatmul(CPUScheduleRule):
+    """Kernels whose main block is ``matmul_blocked``, with prologue and epilogue blocks."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = top_level_blocks(sch)
+        index = next((i for i, b in enumerate(blocks) if _is_blocked_matmul(sch, b)), None)
+        if index is None:
+            return None
+        main = blocks[index]
+        lanes = float32_lanes(target)
+        block = int(sch.get(main).reads[-1].source.shape[-1])
+        spatial = sch.get_loops(main)[:-1]
+        extents = [loop_extent(sch, loop) for loop in spatial]
+        if any(e is None for e in extents) or block % lanes:
+            return None
+        _, rows, vo = choose_tile(1, extents[-2], block // lanes, num_vector_registers(target))
+
+        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
+        for later in epilogue[:-1]:
+            sch.compute_inline(later)
+        *batch, m, n, k = sch.get_loops(main)
+        n_outer, n_inner = sch.split(n, factors=[None, vo * lanes])
+        m_outer, m_inner = sch.split(m, factors=[None, rows])
+        vectors, vector = sch.split(n_inner, factors=[vo, lanes])
+        sch.reorder(n_outer, *batch, m_outer, k, m_inner, vectors, vector)
+        tile = sch.fuse(n_outer, *batch, m_outer)
+        sch.parallel(tile)
+        sch.unroll(m_inner)
+        sch.unroll(vectors)
+        sch.vectorize(vector)
+        sch.decompose_reduction(main, k)
+        sch.reverse_compute_at(epilogue[-1], tile)
+        schedule_tile_epilogue(sch, epilogue[-1], lanes)
+        for earlier in blocks[:index]:
+            schedule_injective(sch, earlier, lanes)
+        return sch
+
+
+def _is_blocked_matmul(sch: s_tir.Schedule, block) -> bool:
+    annotations = sch.get(block).annotations
+    return str(annotations.get(KERNEL_ATTR, "")) == KERNEL_NAME
