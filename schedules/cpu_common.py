@@ -102,3 +102,13 @@ def schedule_tile_epilogue(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.vectorize(vector)
     elif extent <= 2 * lanes:
         sch.vectorize(loops[-1])
+
+
+def annotated_block(sch: s_tir.Schedule, blocks: list, attr: str, value: str) -> int | None:
+    """Index in ``blocks`` of the first block whose annotation ``attr`` is ``value`` (how the
+    rules find the kernels tvmq's passes emit), or None."""
+    for index, block in enumerate(blocks):
+        if str(sch.get(block).annotations.get(attr, "")) == value:
+            return index
+    return None
+

@@ -16,6 +16,7 @@ from tvm.target import Target
 from tvmq.passes.conv_blocked import KERNEL_ATTR, KERNEL_NAME
 
 from .cpu_common import (
+    annotated_block,
     float32_lanes,
     loop_extent,
     num_vector_registers,
@@ -32,7 +33,7 @@ class BlockedConv(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = top_level_blocks(sch)
-        index = next((i for i, b in enumerate(blocks) if _is_blocked_conv(sch, b)), None)
+        index = annotated_block(sch, blocks, KERNEL_ATTR, KERNEL_NAME)
         if index is None:
             return None
         main = blocks[index]
@@ -92,8 +93,3 @@ def choose_tile(oh: int, ow: int, vectors: int, registers: int) -> tuple[int, in
 
 def _divisors(extent: int) -> list[int]:
     return [d for d in range(1, extent + 1) if extent % d == 0]
-
-
-def _is_blocked_conv(sch: s_tir.Schedule, block) -> bool:
-    annotations = sch.get(block).annotations
-    return str(annotations.get(KERNEL_ATTR, "")) == KERNEL_NAME

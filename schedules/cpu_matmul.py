@@ -14,6 +14,7 @@ from tvm.target import Target
 from tvmq.passes.matmul_blocked import KERNEL_ATTR, KERNEL_NAME
 
 from .cpu_common import (
+    annotated_block,
     float32_lanes,
     loop_extent,
     num_vector_registers,
@@ -32,7 +33,7 @@ class BlockedMatmul(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = top_level_blocks(sch)
-        index = next((i for i, b in enumerate(blocks) if _is_blocked_matmul(sch, b)), None)
+        index = annotated_block(sch, blocks, KERNEL_ATTR, KERNEL_NAME)
         if index is None:
             return None
         main = blocks[index]
@@ -63,8 +64,3 @@ class BlockedMatmul(CPUScheduleRule):
         for earlier in blocks[:index]:
             schedule_injective(sch, earlier, lanes)
         return sch
-
-
-def _is_blocked_matmul(sch: s_tir.Schedule, block) -> bool:
-    annotations = sch.get(block).annotations
-    return str(annotations.get(KERNEL_ATTR, "")) == KERNEL_NAME
