@@ -87,6 +87,7 @@ def _run(mod, x):
     ((1, 64), 1000 - 1000 % 8),   # a classifier row, block 8
     ((2, 7, 48), 96),             # batched rows that no tile divides evenly
     ((128, 96), 48),
+    ((197, 64), 32),              # no small divisor: a predicated 4-row tile
 ])
 def test_float_matches_numpy(x_shape, columns):
     w = RNG.normal(0, 0.2, (x_shape[-1], columns)).astype(np.float32)
