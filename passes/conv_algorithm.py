@@ -95,11 +95,14 @@ def emit(
     """The rewritten call for ``algorithm``, or None to keep the conv2d.
 
     ``direct`` is the blocked-weight kernel where the target gives a ``weight_block`` (CPUs)
-    and the convolution fits it, else the conv2d as it is (TVM's own direct kernel).
+    and the convolution fits it (the depthwise kernel for depthwise ones), else the conv2d
+    as it is (TVM's own direct kernel).
     """
     if algorithm is ConvAlgorithm.DIRECT:
         if conv_blocked.eligible(conv, weight_block):
             return conv_blocked.emit_blocked(builder, conv, weight_block)
+        if conv_blocked.depthwise(conv, weight_block):
+            return conv_blocked.emit_depthwise(builder, conv)
         return None
     if algorithm is ConvAlgorithm.GEMM:
         return conv_to_gemm.emit_gemm(builder, conv)

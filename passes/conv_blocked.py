@@ -20,6 +20,7 @@ from ._conv import Conv2D
 
 KERNEL_ATTR = "tvmq.kernel"
 KERNEL_NAME = "conv2d_blocked"
+DEPTHWISE_NAME = "conv2d_depthwise"
 
 
 # (data, output) dtypes the kernel computes: float32, and the int8/uint8 x int8 -> int32
@@ -34,6 +35,56 @@ def eligible(conv: Conv2D, block: int | None) -> bool:
         and conv.groups == 1
         and (str(conv.data.ty.dtype), conv.out_dtype) in _DTYPES
         and weight_block(conv, block) is not None
+    )
+
+
+def depthwise(conv: Conv2D, block: int | None) -> bool:
+    """One filter per channel (groups = input channels = output channels), on a CPU, with
+    output rows wider than ``block`` (two vectors). Narrower rows make short, odd-sized
+    vectors: on MobileNetV2 the kernel ran 7x7 layers at 0.46 ms where TVM's depthwise
+    kernel took 0.06, and 56x56 ones at 0.29 against 0.54."""
+    out_channels, per_group = conv.weight.shape[:2]
+    return (
+        block is not None
+        and conv.output_hw[1] > block
+        and per_group == 1
+        and conv.groups == out_channels == conv.data_shape[1]
+        and (str(conv.data.ty.dtype), conv.out_dtype) in _DTYPES
+    )
+
+
+def emit_depthwise(builder: relax.BlockBuilder, conv: Conv2D) -> relax.Expr:
+    """The depthwise kernel for ``conv`` (weights stay [C, 1, KH, KW])."""
+    return builder.call_te(
+        conv2d_depthwise, conv.data, relax.const(conv.weight), conv.strides, conv.padding,
+        conv.dilation, conv.out_dtype, primfunc_name_hint=DEPTHWISE_NAME,
+    )
+
+
+def conv2d_depthwise(data, weight, strides, padding, dilation, out_dtype: str):
+    """out[n, c, y, x] = sum over the window of data[n, c, ...] * weight[c, 0, ...]; the
+    schedule vectorizes along x (contiguous in NCHW) with each weight broadcast."""
+    batch, channels, height, width = (int(d) for d in data.shape)
+    _, _, kh, kw = (int(d) for d in weight.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    padded = (
+        topi.nn.pad(data, (0, 0, top, left), (0, 0, bottom, right), name="data_pad")
+        if any(padding) else data
+    )
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute(
+        (batch, channels, oh, ow),
+        lambda n, c, y, x: te.sum(
+            padded[n, c, y * sh + ry * dh, x * sw + rx * dw].astype(out_dtype)
+            * weight[c, 0, ry, rx].astype(out_dtype),
+            axis=[ry, rx],
+        ),
+        name=DEPTHWISE_NAME,
+        attrs={KERNEL_ATTR: DEPTHWISE_NAME},
     )
 
 

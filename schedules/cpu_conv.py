@@ -13,7 +13,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvmq.passes.conv_blocked import KERNEL_ATTR, KERNEL_NAME
+from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_ATTR, KERNEL_NAME
 
 from .cpu_common import (
     annotated_block,
@@ -62,6 +62,55 @@ class BlockedConv(CPUScheduleRule):
         sch.vectorize(vector)
         sch.decompose_reduction(main, reduction[0])
         sch.reverse_compute_at(epilogue[-1], tile)
+        for earlier in blocks[:index]:
+            schedule_injective(sch, earlier, lanes)
+        return sch
+
+
+class DepthwiseConv(CPUScheduleRule):
+    """Kernels whose main block is ``conv2d_depthwise`` (passes/conv_blocked.py).
+
+    Each tile is a few output rows by a vector-wide run of one channel: the window's
+    weights are broadcast, the input rows loaded as vectors (contiguous along x in NCHW).
+    Channels x row blocks run in parallel, the tiles of a row block in order (measured:
+    32x112x112 3x3, 0.165 ms against 0.52 as TVM's depthwise kernel under the generic rule).
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = top_level_blocks(sch)
+        index = annotated_block(sch, blocks, KERNEL_ATTR, DEPTHWISE_NAME)
+        if index is None:
+            return None
+        main = blocks[index]
+        lanes = float32_lanes(target)
+        extents = [loop_extent(sch, loop) for loop in sch.get_loops(main)[:4]]
+        if any(e is None for e in extents):
+            return None
+        _, _, oh, ow = extents
+        rows = max(d for d in _divisors(oh) if d <= 4)
+        if ow % lanes == 0:
+            width = lanes
+        elif ow <= 2 * lanes:
+            width = ow
+        else:
+            width = max(d for d in _divisors(ow) if d <= 2 * lanes)
+
+        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
+        for later in epilogue[:-1]:
+            sch.compute_inline(later)
+        n, c, y, x, ry, rx = sch.get_loops(main)
+        y_outer, y_inner = sch.split(y, factors=[None, rows])
+        x_outer, x_inner = sch.split(x, factors=[None, width])
+        sch.reorder(n, c, y_outer, x_outer, y_inner, ry, rx, x_inner)
+        sch.parallel(sch.fuse(n, c, y_outer))
+        for loop in (y_inner, ry, rx):
+            sch.unroll(loop)
+        sch.vectorize(x_inner)
+        sch.decompose_reduction(main, ry)
+        sch.reverse_compute_at(epilogue[-1], x_outer)
         for earlier in blocks[:index]:
             schedule_injective(sch, earlier, lanes)
         return sch

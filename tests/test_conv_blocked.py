@@ -9,7 +9,7 @@ import pytest
 import tvm
 from tvm import relax
 from tvmq.passes.conv_algorithm import ConvPolicy
-from tvmq.passes.conv_blocked import KERNEL_NAME, blocked_weight
+from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME, blocked_weight
 from tvmq.schedules.cpu_conv import choose_tile
 
 import tvmq
@@ -34,13 +34,14 @@ def reference_conv(x, w, strides, padding, dilation, dtype):
     return out
 
 
-def _compiled_conv(shape, weight, strides, padding, dilation, out_dtype):
+def _compiled_conv(shape, weight, strides, padding, dilation, out_dtype, groups=1):
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "int8" if out_dtype == "int32" else "float32"))
     with builder.function("main", [x]):
         with builder.dataflow():
             conv = builder.emit(relax.op.nn.conv2d(
-                x, relax.const(weight), strides, padding, dilation, out_dtype=out_dtype))
+                x, relax.const(weight), strides, padding, dilation, groups=groups,
+                out_dtype=out_dtype))
             out = builder.emit_output(relax.op.add(conv, conv))
         builder.emit_func_output(out)
     preset = tvmq.targets.resolve("x86")
@@ -113,3 +114,35 @@ def test_channels_that_do_not_block_keep_tvm_conv():
     np.testing.assert_allclose(
         got, 2 * reference_conv(x, w, (1, 1), (1, 1, 1, 1), (1, 1), np.float64),
         rtol=1e-4, atol=1e-4)
+
+
+def reference_depthwise(x, w, strides, padding, dtype):
+    return np.concatenate([
+        reference_conv(x[:, c : c + 1], w[c : c + 1], strides, padding, (1, 1), dtype)
+        for c in range(x.shape[1])
+    ], axis=1)
+
+
+@pytest.mark.parametrize("shape, strides, dtype, kernel", [
+    ((1, 6, 40, 40), (1, 1), "float32", DEPTHWISE_NAME),
+    ((1, 5, 75, 66), (2, 2), "float32", DEPTHWISE_NAME),   # 38 x 33 output, odd width
+    ((1, 4, 36, 36), (1, 1), "int32", DEPTHWISE_NAME),
+    ((1, 8, 14, 14), (1, 1), "float32", None),             # rows too narrow: TVM's kernel
+])
+def test_depthwise_matches_numpy(shape, strides, dtype, kernel):
+    channels = shape[1]
+    if dtype == "int32":
+        w = RNG.integers(-128, 128, (channels, 1, 3, 3)).astype(np.int8)
+        x = RNG.integers(-128, 128, shape).astype(np.int8)
+    else:
+        w = RNG.normal(0, 0.3, (channels, 1, 3, 3)).astype(np.float32)
+        x = RNG.normal(size=shape).astype(np.float32)
+    vm, kernels = _compiled_conv(shape, w, strides, (1, 1, 1, 1), (1, 1), dtype, groups=channels)
+    assert any(DEPTHWISE_NAME in name for name in kernels) == (kernel is not None)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = 2 * reference_depthwise(x, w, strides, (1, 1, 1, 1),
+                                   np.int64 if dtype == "int32" else np.float64)
+    if dtype == "int32":
+        assert np.array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
