@@ -90,7 +90,7 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
 
 def emit(
     builder: relax.BlockBuilder, conv: Conv2D, algorithm: ConvAlgorithm,
-    weight_block: int | None = None,
+    weight_block: int | None = None, int16_pairs: bool = False,
 ):
     """The rewritten call for ``algorithm``, or None to keep the conv2d.
 
@@ -100,7 +100,7 @@ def emit(
     """
     if algorithm is ConvAlgorithm.DIRECT:
         if conv_blocked.eligible(conv, weight_block):
-            return conv_blocked.emit_blocked(builder, conv, weight_block)
+            return conv_blocked.emit_blocked(builder, conv, weight_block, int16_pairs)
         if conv_blocked.depthwise(conv, weight_block):
             return conv_blocked.emit_depthwise(builder, conv)
         return None
@@ -125,13 +125,16 @@ class ChooseConvAlgorithm:
     weight_block : int, optional
         Output channels per weight block of the blocked direct kernel (CPU targets: two
         vector widths); None keeps direct convolutions as TVM's conv2d.
+    int16_pairs : bool
+        Integer convolutions take the int16 pair form (x86 with AVX2: ``vpmaddwd``).
     """
 
     def __init__(
         self, policy: ConvPolicy = ConvPolicy.PREDICT, *, overrides=None, measure=None,
-        weight_block: int | None = None,
+        weight_block: int | None = None, int16_pairs: bool = False,
     ):
         self.policy = ConvPolicy(policy)
+        self.int16_pairs = int16_pairs
         self.overrides = {k: ConvAlgorithm(v) for k, v in (overrides or {}).items()}
         self.measure = measure
         self.weight_block = weight_block
@@ -165,7 +168,7 @@ class ChooseConvAlgorithm:
                 "predicted": predict(conv, self.weight_block).value,
                 "measured_ms": times,
             })
-            return emit(builder, conv, algorithm, self.weight_block)
+            return emit(builder, conv, algorithm, self.weight_block, self.int16_pairs)
 
         mod = winograd.rewrite_convolutions(mod, rewrite, integer=True)
         return mod.with_attr(CONV_ALGORITHMS_ATTR, json.dumps(records))

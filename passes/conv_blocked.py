@@ -14,6 +14,7 @@ kernel, found by its block's ``tvmq.kernel`` attribute.
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax, te, topi
 
 from ._conv import Conv2D
@@ -104,19 +105,36 @@ def blocked_weight(weight: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(grouped.transpose(0, 2, 3, 4, 1))
 
 
-def emit_blocked(builder: relax.BlockBuilder, conv: Conv2D, block: int) -> relax.Expr:
-    """The blocked direct form of ``conv`` (its kernel added to ``builder``)."""
+def emit_blocked(
+    builder: relax.BlockBuilder, conv: Conv2D, block: int, int16_pairs: bool = False
+) -> relax.Expr:
+    """The blocked direct form of ``conv`` (its kernel added to ``builder``).
+
+    ``int16_pairs`` (x86 with AVX2): integer convolutions with an even number of input
+    channels take the pair form, which ``schedules/x86_int8.py`` computes with
+    ``vpmaddwd`` (16 int16 products summed in pairs into 8 int32 per instruction).
+    """
     size = weight_block(conv, block)
-    weight = relax.const(blocked_weight(conv.weight, size))
+    pairs = int16_pairs and conv.is_integer and conv.weight.shape[1] % 2 == 0
+    weight = blocked_weight(conv.weight, size)
+    if pairs:
+        # [O/B, I, KH, KW, B] -> [O/B, I/2, KH, KW, B, 2]: each weight's input-channel
+        # neighbour beside it, the pair layout vpmaddwd multiplies.
+        blocks, channels, kh, kw, _ = weight.shape
+        weight = np.ascontiguousarray(
+            weight.reshape(blocks, channels // 2, 2, kh, kw, size).transpose(0, 1, 3, 4, 5, 2)
+        )
     return builder.call_te(
-        conv2d_blocked, conv.data, weight, conv.strides, conv.padding, conv.dilation,
-        conv.out_dtype, primfunc_name_hint=KERNEL_NAME,
+        conv2d_blocked, conv.data, relax.const(weight), conv.strides, conv.padding,
+        conv.dilation, conv.out_dtype, primfunc_name_hint=KERNEL_NAME,
     )
 
 
 def conv2d_blocked(data, weight, strides, padding, dilation, out_dtype: str):
+    """The kernel; a 6-d weight ([O/B, I/2, KH, KW, B, 2]) selects the int16 pair form."""
     batch, _, height, width = (int(d) for d in data.shape)
-    blocks, in_channels, kh, kw, block = (int(d) for d in weight.shape)
+    pairs = len(weight.shape) == 6
+    blocks, in_channels, kh, kw, block = (int(d) for d in weight.shape[:5])
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
@@ -130,26 +148,54 @@ def conv2d_blocked(data, weight, strides, padding, dilation, out_dtype: str):
     tall, wide = (_even(oh), _even(ow)) if kh * kw > 1 else (oh, ow)
     bottom += (tall - oh) * sh
     right += (wide - ow) * sw
-    padded = (
-        topi.nn.pad(data, (0, 0, top, left), (0, 0, bottom, right), name="data_pad")
-        if any((top, left, bottom, right)) else data
-    )
-    ic = te.reduce_axis((0, in_channels), name="ic")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    out = te.compute(
-        (batch, blocks * block, tall, wide),
-        lambda n, oc, y, x: te.sum(
-            padded[n, ic, y * sh + ry * dh, x * sw + rx * dw].astype(out_dtype)
-            * weight[oc // block, ic, ry, rx, oc % block].astype(out_dtype),
-            axis=[ic, ry, rx],
-        ),
-        name=KERNEL_NAME,
-        attrs={KERNEL_ATTR: KERNEL_NAME},
-    )
+    ic = te.reduce_axis((0, in_channels), name="ic")
+    if pairs:
+        # The padding copy also interleaves channel pairs and widens them to int16, so the
+        # kernel broadcasts each pair with one 32-bit load.
+        padded = _pad_pairs(data, top, left, bottom, right)
+        pair = te.reduce_axis((0, 2), name="pair")
+
+        def value(n, oc, y, x):
+            return te.sum(
+                padded[n, ic, y * sh + ry * dh, x * sw + rx * dw, pair].astype(out_dtype)
+                * weight[oc // block, ic, ry, rx, oc % block, pair].astype(out_dtype),
+                axis=[ic, ry, rx, pair],
+            )
+    else:
+        padded = (
+            topi.nn.pad(data, (0, 0, top, left), (0, 0, bottom, right), name="data_pad")
+            if any((top, left, bottom, right)) else data
+        )
+
+        def value(n, oc, y, x):
+            return te.sum(
+                padded[n, ic, y * sh + ry * dh, x * sw + rx * dw].astype(out_dtype)
+                * weight[oc // block, ic, ry, rx, oc % block].astype(out_dtype),
+                axis=[ic, ry, rx],
+            )
+
+    out = te.compute((batch, blocks * block, tall, wide), value, name=KERNEL_NAME,
+                     attrs={KERNEL_ATTR: KERNEL_NAME})
     if (tall, wide) == (oh, ow):
         return out
     return te.compute((batch, blocks * block, oh, ow), lambda *i: out(*i), name="crop")
+
+
+def _pad_pairs(data, top: int, left: int, bottom: int, right: int):
+    """[N, C, H, W] int8 -> zero-padded [N, C/2, H', W', 2] int16."""
+    batch, channels, height, width = (int(d) for d in data.shape)
+
+    def value(n, c, y, x, i):
+        inside = tvm.tirx.all(y >= top, y < top + height, x >= left, x < left + width)
+        return tvm.tirx.if_then_else(
+            inside, data[n, 2 * c + i, y - top, x - left].astype("int16"),
+            tvm.tirx.const(0, "int16"),
+        )
+
+    shape = (batch, channels // 2, height + top + bottom, width + left + right, 2)
+    return te.compute(shape, value, name="data_pairs")
 
 
 def _even(extent: int) -> int:

@@ -15,6 +15,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_ATTR, KERNEL_NAME
 
+from . import x86_int8
 from .cpu_common import (
     annotated_block,
     float32_lanes,
@@ -37,8 +38,11 @@ class BlockedConv(CPUScheduleRule):
         if index is None:
             return None
         main = blocks[index]
-        lanes = float32_lanes(target)
-        block = int(sch.get(main).reads[-1].source.shape[-1])
+        weight = sch.get(main).reads[-1].source
+        # The int16 pair form (6-d weight) accumulates 8 int32 lanes per vpmaddwd.
+        pairs = len(weight.shape) == 6
+        lanes = x86_int8.LANES if pairs else float32_lanes(target)
+        block = int(weight.shape[4])
         loops = sch.get_loops(main)
         extents = [loop_extent(sch, loop) for loop in loops[:4]]
         if any(e is None for e in extents) or block % lanes:
@@ -49,19 +53,30 @@ class BlockedConv(CPUScheduleRule):
         epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
         for later in epilogue[:-1]:
             sch.compute_inline(later)
+        if pairs:
+            # Accumulators channel-innermost: each vpmaddwd updates 8 adjacent int32.
+            sch.transform_layout(main, ("write", 0), lambda n, c, y, x: (n, y, x, c))
         n, oc, y, x, *reduction = sch.get_loops(main)
+        pair = reduction.pop() if pairs else None
         oc_outer, oc_inner = sch.split(oc, factors=[None, vo * lanes])
         y_outer, y_inner = sch.split(y, factors=[None, hi])
         x_outer, x_inner = sch.split(x, factors=[None, wi])
         vectors, vector = sch.split(oc_inner, factors=[vo, lanes])
-        sch.reorder(oc_outer, n, y_outer, x_outer, *reduction, y_inner, x_inner, vectors, vector)
+        inner = [y_inner, x_inner, vectors, vector, *([pair] if pairs else [])]
+        sch.reorder(oc_outer, n, y_outer, x_outer, *reduction, *inner)
         tile = sch.fuse(oc_outer, n, y_outer, x_outer)
         sch.parallel(tile)
         for loop in (y_inner, x_inner, vectors):
             sch.unroll(loop)
-        sch.vectorize(vector)
-        sch.decompose_reduction(main, reduction[0])
+        if not pairs:
+            sch.vectorize(vector)
+        init = sch.decompose_reduction(main, reduction[0])
         sch.reverse_compute_at(epilogue[-1], tile)
+        if pairs:
+            # After the reduction is split from its init and the epilogue placed: the
+            # tensorized block is opaque to both.
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.tensorize(vector, x86_int8.register())
         for earlier in blocks[:index]:
             schedule_injective(sch, earlier, lanes)
         return sch

@@ -146,3 +146,24 @@ def test_depthwise_matches_numpy(shape, strides, dtype, kernel):
         assert np.array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _assembly(shape, weight, out_dtype):
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "int8"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            out = builder.emit_output(relax.op.nn.conv2d(
+                x, relax.const(weight), padding=(1, 1, 1, 1), out_dtype=out_dtype))
+        builder.emit_func_output(out)
+    preset = tvmq.targets.resolve("x86")
+    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(tvmq.pipeline(preset))(builder.get())
+    executable = tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None)
+    return "".join(m.inspect_source("asm") for m in executable.mod.imports)
+
+
+def test_int8_conv_uses_vpmaddwd_on_avx2():
+    # Even input channels: the int16 pair form, tensorized with vpmaddwd.
+    w = RNG.integers(-128, 128, (16, 16, 3, 3)).astype(np.int8)
+    assert "vpmaddwd" in _assembly((1, 16, 8, 8), w, "int32")

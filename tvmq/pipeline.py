@@ -118,8 +118,14 @@ def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
             policy = ConvPolicy.PREDICT
     return ChooseConvAlgorithm(
         policy, overrides=config.conv_overrides, measure=measure,
-        weight_block=weight_block(preset.tvm_target()),
+        weight_block=weight_block(preset.tvm_target()), int16_pairs=int16_pairs(preset),
     )
+
+
+def int16_pairs(preset) -> bool:
+    """Whether integer kernels take the int16 pair form (schedules/x86_int8.py): x86 with
+    AVX2, where vpmaddwd is the fastest int8 multiply-add without VNNI."""
+    return preset.arch == "x86_64" and "avx2" in preset.required_cpu_features()
 
 
 def _around_fuse_ops(passes: list[tvm.transform.Pass]) -> list[tvm.transform.Pass]:
