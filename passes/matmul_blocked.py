@@ -38,19 +38,38 @@ def blocked_weight(weight: np.ndarray, block: int) -> np.ndarray:
 
 
 def matmul_blocked(data, weight, out_dtype: str):
-    """out[..., m, n] = sum_k data[..., m, k] * weight[n // B, k, n % B]."""
-    *batch, _, depth = (int(d) for d in data.shape)
-    blocks, _, block = (int(d) for d in weight.shape)
-    k = te.reduce_axis((0, depth), name="k")
+    """out[..., m, n] = sum_k data[..., m, k] * weight[n // B, k, n % B].
 
-    def compute(*index):
-        *lead, n = index
-        return te.sum(
-            data[(*lead, k)].astype(out_dtype) * weight[n // block, k, n % block].astype(out_dtype),
-            axis=k,
-        )
+    A 4-d weight ([N/B, K/2, B, 2], int8) selects the int16 pair form: the activations are
+    first widened to int16, so each (k, k + 1) pair is one 32-bit broadcast for vpmaddwd
+    (schedules/x86_int8.py).
+    """
+    *batch, rows, depth = (int(d) for d in data.shape)
+    pairs = len(weight.shape) == 4
+    blocks, block = int(weight.shape[0]), int(weight.shape[2])
+    if pairs:
+        wide = te.compute(data.shape, lambda *i: data(*i).astype("int16"), name="data_int16")
+        k = te.reduce_axis((0, depth // 2), name="k")
+        pair = te.reduce_axis((0, 2), name="pair")
 
-    rows = int(data.shape[-2])
+        def compute(*index):
+            *lead, n = index
+            return te.sum(
+                wide[(*lead, 2 * k + pair)].astype(out_dtype)
+                * weight[n // block, k, n % block, pair].astype(out_dtype),
+                axis=[k, pair],
+            )
+    else:
+        k = te.reduce_axis((0, depth), name="k")
+
+        def compute(*index):
+            *lead, n = index
+            return te.sum(
+                data[(*lead, k)].astype(out_dtype)
+                * weight[n // block, k, n % block].astype(out_dtype),
+                axis=k,
+            )
+
     return te.compute((*batch, rows, blocks * block), compute, name=KERNEL_NAME,
                       attrs={KERNEL_ATTR: KERNEL_NAME})
 
@@ -64,21 +83,24 @@ class BlockMatmulWeights:
     block : int, optional
         Columns per weight block (CPU targets: two vector widths); None leaves the
         module unchanged (GPU targets keep their own matmul schedules).
+    int16_pairs : bool
+        Integer matmuls take the int16 pair form (x86 with AVX2: ``vpmaddwd``).
     """
 
-    def __init__(self, block: int | None) -> None:
+    def __init__(self, block: int | None, int16_pairs: bool = False) -> None:
         self.block = block
+        self.int16_pairs = int16_pairs
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.block is None:
             return mod
-        block = self.block
+        block, pairs = self.block, self.int16_pairs
 
         @relax.expr_functor.mutator
         class _Rewriter(relax.PyExprMutator):
             def visit_call_(self, call: relax.Call) -> relax.Expr:
                 call = super().visit_call_(call)
-                rewritten = _rewrite(self.builder_, call, block)
+                rewritten = _rewrite(self.builder_, call, block, pairs)
                 return rewritten if rewritten is not None else call
 
         rewriter = _Rewriter(mod)
@@ -88,7 +110,9 @@ class BlockMatmulWeights:
         return rewriter.builder_.get()
 
 
-def _rewrite(builder: relax.BlockBuilder, call: relax.Call, block: int) -> relax.Expr | None:
+def _rewrite(
+    builder: relax.BlockBuilder, call: relax.Call, block: int, int16_pairs: bool
+) -> relax.Expr | None:
     if getattr(call.op, "name", None) != "relax.matmul":
         return None
     data, weight = call.args
@@ -114,5 +138,11 @@ def _rewrite(builder: relax.BlockBuilder, call: relax.Call, block: int) -> relax
     size = column_block(value.shape[1], block)
     if size is None:
         return None
-    return builder.call_te(matmul_blocked, data, relax.const(blocked_weight(value, size)),
-                           out_dtype, primfunc_name_hint=KERNEL_NAME)
+    blocked = blocked_weight(value, size)
+    if int16_pairs and out_dtype == "int32" and value.shape[0] % 2 == 0:
+        # [N/B, K, B] -> [N/B, K/2, B, 2]: rows k and k + 1 side by side per column.
+        blocks, depth, _ = blocked.shape
+        blocked = np.ascontiguousarray(
+            blocked.reshape(blocks, depth // 2, 2, size).transpose(0, 1, 3, 2))
+    return builder.call_te(matmul_blocked, data, relax.const(blocked), out_dtype,
+                           primfunc_name_hint=KERNEL_NAME)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.s_tir.schedule.schedule import ScheduleError
 from tvm.target import Target
 from tvm.target.codegen import llvm_cpu_has_features
 
@@ -111,4 +112,22 @@ def annotated_block(sch: s_tir.Schedule, blocks: list, attr: str, value: str) ->
         if str(sch.get(block).annotations.get(attr, "")) == value:
             return index
     return None
+
+
+def inline_epilogue_inputs(sch: s_tir.Schedule, earlier: list, main) -> list:
+    """Inline the blocks before ``main`` that only the epilogue reads (a quantized residual's
+    dequantize, say): the epilogue moves under the kernel's tile loop, which its producers
+    must then be computable from. Returns the blocks left (the kernel's own prologue)."""
+    reads = [region.source for region in sch.get(main).reads]
+    kept = []
+    for block in earlier:
+        written = sch.get(block).writes[0].source
+        if any(written.same_as(read) for read in reads):
+            kept.append(block)
+            continue
+        try:
+            sch.compute_inline(block)
+        except ScheduleError:
+            kept.append(block)
+    return kept
 

@@ -19,6 +19,7 @@ from . import x86_int8
 from .cpu_common import (
     annotated_block,
     float32_lanes,
+    inline_epilogue_inputs,
     loop_extent,
     num_vector_registers,
     schedule_injective,
@@ -50,6 +51,7 @@ class BlockedConv(CPUScheduleRule):
         _, _, oh, ow = extents
         hi, wi, vo = choose_tile(oh, ow, block // lanes, num_vector_registers(target))
 
+        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
         epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
         for later in epilogue[:-1]:
             sch.compute_inline(later)
@@ -77,7 +79,7 @@ class BlockedConv(CPUScheduleRule):
             # tensorized block is opaque to both.
             sch.vectorize(sch.get_loops(init)[-1])
             sch.tensorize(vector, x86_int8.register())
-        for earlier in blocks[:index]:
+        for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch
 
@@ -113,6 +115,7 @@ class DepthwiseConv(CPUScheduleRule):
         else:
             width = max(d for d in _divisors(ow) if d <= 2 * lanes)
 
+        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
         epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
         for later in epilogue[:-1]:
             sch.compute_inline(later)
@@ -126,7 +129,7 @@ class DepthwiseConv(CPUScheduleRule):
         sch.vectorize(x_inner)
         sch.decompose_reduction(main, ry)
         sch.reverse_compute_at(epilogue[-1], x_outer)
-        for earlier in blocks[:index]:
+        for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch
 

@@ -13,9 +13,11 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvmq.passes.matmul_blocked import KERNEL_ATTR, KERNEL_NAME
 
+from . import x86_int8
 from .cpu_common import (
     annotated_block,
     float32_lanes,
+    inline_epilogue_inputs,
     loop_extent,
     num_vector_registers,
     schedule_injective,
@@ -37,9 +39,12 @@ class BlockedMatmul(CPUScheduleRule):
         if index is None:
             return None
         main = blocks[index]
-        lanes = float32_lanes(target)
-        block = int(sch.get(main).reads[-1].source.shape[-1])
-        spatial = sch.get_loops(main)[:-1]
+        weight = sch.get(main).reads[-1].source
+        # The int16 pair form (4-d weight) accumulates 8 int32 lanes per vpmaddwd.
+        pairs = len(weight.shape) == 4
+        lanes = x86_int8.LANES if pairs else float32_lanes(target)
+        block = int(weight.shape[2])
+        spatial = sch.get_loops(main)[: -2 if pairs else -1]
         extents = [loop_extent(sch, loop) for loop in spatial]
         if any(e is None for e in extents) or block % lanes:
             return None
@@ -47,23 +52,31 @@ class BlockedMatmul(CPUScheduleRule):
         _, rows, vo = choose_tile(1, extents[-2], block // lanes, registers)
         rows = _rows_past_divisors(extents[-2], rows, vo, registers)
 
+        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
         epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
         for later in epilogue[:-1]:
             sch.compute_inline(later)
-        *batch, m, n, k = sch.get_loops(main)
+        loops = sch.get_loops(main)
+        pair = loops.pop() if pairs else None
+        *batch, m, n, k = loops
         n_outer, n_inner = sch.split(n, factors=[None, vo * lanes])
         m_outer, m_inner = sch.split(m, factors=[None, rows])
         vectors, vector = sch.split(n_inner, factors=[vo, lanes])
-        sch.reorder(n_outer, *batch, m_outer, k, m_inner, vectors, vector)
+        sch.reorder(n_outer, *batch, m_outer, k, m_inner, vectors, vector,
+                    *([pair] if pairs else []))
         tile = sch.fuse(n_outer, *batch, m_outer)
         sch.parallel(tile)
         sch.unroll(m_inner)
         sch.unroll(vectors)
-        sch.vectorize(vector)
-        sch.decompose_reduction(main, k)
+        if not pairs:
+            sch.vectorize(vector)
+        init = sch.decompose_reduction(main, k)
         sch.reverse_compute_at(epilogue[-1], tile)
         schedule_tile_epilogue(sch, epilogue[-1], lanes)
-        for earlier in blocks[:index]:
+        if pairs:
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.tensorize(vector, x86_int8.register())
+        for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch
 

@@ -14,6 +14,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from .cpu_common import (
+    inline_epilogue_inputs,
     iter_kinds,
     loop_extent,
     num_vector_registers,
@@ -42,9 +43,10 @@ class MultiplyAccumulateTiling(CPUScheduleRule):
         if not _is_multiply_accumulate(sch, main) or not _spatial_then_reduce(kinds[index]):
             return None
         lanes = vector_bits(target) // max(out_dtype_bits(sch, main), 8)
+        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
         if not tile_accumulation(sch, main, blocks[index + 1 :], target):
             return None
-        for block in blocks[:index]:
+        for block in prologue:
             schedule_injective(sch, block, lanes)
         return sch
 

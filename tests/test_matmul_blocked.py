@@ -103,3 +103,13 @@ def test_int8_is_exact(x_dtype):
     x = RNG.integers(info.min, info.max + 1, (6, 40)).astype(x_dtype)
     got = _run(_module((6, 40), w, x_dtype, "int32"), x)
     assert np.array_equal(got, 2 * (x.astype(np.int64) @ w.astype(np.int64)))
+
+
+def test_int8_matmul_uses_vpmaddwd_on_avx2():
+    w = RNG.integers(-128, 128, (64, 32)).astype(np.int8)
+    preset = tvmq.targets.resolve("x86")
+    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(tvmq.pipeline(preset))(
+            _module((16, 64), w, "int8", "int32"))
+    executable = tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None)
+    assert "vpmaddwd" in "".join(m.inspect_source("asm") for m in executable.mod.imports)

@@ -77,7 +77,7 @@ def pipeline(
         # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
         _conv_algorithm_pass(preset, config),
         # Matmuls with constant weights read them blocked by output column (CPUs).
-        BlockMatmulWeights(weight_block(tvm_target)),
+        BlockMatmulWeights(weight_block(tvm_target), int16_pairs(preset)),
         # exp, erf, tanh and softmax as TVM's vectorizable polynomial approximations (float32
         # error ~1e-7); libm's scalar erf made BERT's GELU epilogue cost as much as its
         # 768x3072 matmul. --disabled-pass FastMathTransform keeps the exact functions.
