@@ -1,14 +1,18 @@
 """ChooseConvAlgorithm: pick direct, im2col+GEMM or Winograd for each convolution.
 
-Runs on the graph after batch-norm folding and quantization (integer convolutions are not
-touched: they keep the integer direct path) and before LegalizeOps. For each float conv2d
-the candidates are the algorithms that compute it; the choice is
+Runs on the graph after batch-norm folding and quantization and before LegalizeOps.
+Integer convolutions (quantized layers) have one candidate, direct, which on CPUs is the
+blocked kernel of passes/conv_blocked.py (exact; int16 pairs and vpmaddwd on AVX2). For
+each float conv2d the candidates are the algorithms that compute it; the choice is
 
 - ``measure``: each candidate is built on its own through the same pipeline and timed on
   this machine (kept in a cache file, so a shape is measured once per target);
 - ``predict`` (the default): a rule fitted to such measurements (see ``predict``;
   ``bench/conv_algorithms.py`` checks it against measurement again);
 - or a fixed algorithm for every layer.
+
+On CPUs ``direct`` is the blocked-weight kernel (passes/conv_blocked.py) where the layer
+fits it, the depthwise kernel for wide depthwise layers, else TVM's conv2d.
 
 Overrides by ONNX node name (exact or glob) win over the policy. The choices go on the
 module as ``tvmq.conv_algorithms`` for the artifact's manifest.
