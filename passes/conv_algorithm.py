@@ -71,6 +71,9 @@ def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
 def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
     """The rule, fitted to ResNet-50's layers measured here (bench/conv_algorithms.py):
 
+    - 1x1 stride-1 layers at least 56 wide, on CPUs: GEMM, the row-blocked pointwise
+      kernel (ResNet-50's 64->256 at 56x56: 1.9 ms against 3.0 direct; at 28x28 direct
+      still won, 1.26 against 1.45 ms);
     - where the blocked direct kernel applies (CPU, ungrouped float32, output channels in
       blocks): direct. Measured with 2 threads on AVX2 it ran ResNet-50's 3x3 layers at
       ~140 GFLOP/s and its 1x1 layers at 60-85, where GEMM's kernels reached 11-40;
@@ -82,6 +85,13 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
       unrolled transforms cost ~10 s of TIR simplification per kernel (minutes on DenseNet),
       so the rule leaves it to ``measure`` and to overrides.
     """
+    pointwise = conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
+    if (
+        pointwise
+        and conv.output_hw[1] >= 56
+        and conv_to_gemm.pointwise_rows(conv, weight_block) is not None
+    ):
+        return ConvAlgorithm.GEMM
     if conv_blocked.eligible(conv, weight_block) or not conv_to_gemm.eligible(conv):
         return ConvAlgorithm.DIRECT
     oh, ow = conv.output_hw
@@ -109,7 +119,7 @@ def emit(
             return conv_blocked.emit_depthwise(builder, conv)
         return None
     if algorithm is ConvAlgorithm.GEMM:
-        return conv_to_gemm.emit_gemm(builder, conv)
+        return conv_to_gemm.emit_gemm(builder, conv, weight_block)
     if algorithm in (ConvAlgorithm.WINOGRAD2, ConvAlgorithm.WINOGRAD4):
         tile_size = 2 if algorithm is ConvAlgorithm.WINOGRAD2 else 4
         return winograd.emit_winograd(builder, conv, tile_size)

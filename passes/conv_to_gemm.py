@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import tvm
 from tvm import relax, te
 
@@ -22,13 +23,29 @@ def eligible(conv: Conv2D) -> bool:
     return conv.groups == 1
 
 
-def emit_gemm(builder: relax.BlockBuilder, conv: Conv2D) -> relax.Expr:
-    """The matmul form of ``conv`` (im2col kernel, if needed, added to ``builder``)."""
+POINTWISE_NAME = "conv2d_pointwise"
+KERNEL_ATTR = "tvmq.kernel"
+
+
+def emit_gemm(
+    builder: relax.BlockBuilder, conv: Conv2D, weight_block: int | None = None
+) -> relax.Expr:
+    """The matmul form of ``conv`` (im2col kernel, if needed, added to ``builder``).
+
+    On CPUs (``weight_block`` given), a pointwise float32 layer whose rows fill vectors
+    takes the row-blocked kernel (``pointwise_blocked``) instead of the generic one.
+    """
     out_channels, in_channels, kh, kw = conv.weight.shape
     batch = conv.data_shape[0]
     oh, ow = conv.output_hw
-    weight = relax.const(conv.weight.reshape(out_channels, in_channels * kh * kw))
     pointwise = (kh, kw) == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
+    rows = pointwise_rows(conv, weight_block) if pointwise else None
+    if rows is not None:
+        blocked = conv.weight.reshape(out_channels // rows, rows, in_channels)
+        weight = relax.const(np.ascontiguousarray(blocked.transpose(0, 2, 1)))
+        return builder.call_te(pointwise_blocked, conv.data, weight,
+                               primfunc_name_hint=POINTWISE_NAME)
+    weight = relax.const(conv.weight.reshape(out_channels, in_channels * kh * kw))
     if pointwise:
         columns = builder.emit(relax.op.reshape(conv.data, (batch, in_channels, oh * ow)))
     else:
@@ -38,6 +55,47 @@ def emit_gemm(builder: relax.BlockBuilder, conv: Conv2D) -> relax.Expr:
         )
     return builder.call_te(gemm, weight, columns, (oh, ow), conv.out_dtype,
                            primfunc_name_hint="conv2d_gemm")
+
+
+def pointwise_vectors(width: int, lanes: int) -> int:
+    """Vectors of output pixels per tile row: two where the row holds whole pairs."""
+    return 2 if width % (2 * lanes) == 0 else 1
+
+
+def pointwise_rows(conv: Conv2D, weight_block: int | None) -> int | None:
+    """Output channels per register tile of the row-blocked pointwise kernel, or None.
+
+    The tile is ``rows`` channels (each weight broadcast) by one or two vectors of a
+    row's pixels, so a row must be whole vectors: 56- and 112-wide images, not 7 or 14.
+    """
+    if weight_block is None or conv.out_dtype != "float32" or conv.is_integer:
+        return None
+    lanes = weight_block // 2
+    width = conv.output_hw[1]
+    if width % lanes:
+        return None
+    vectors = pointwise_vectors(width, lanes)
+    # Accumulators: all vector registers but the pixel vectors, a broadcast and a spare
+    # (AVX2 has 16 registers; AVX-512 and NEON 32).
+    registers = 16 if lanes == 8 else 32
+    most = (registers - 4) // vectors
+    out_channels = conv.weight.shape[0]
+    rows = max((r for r in range(2, most + 1) if out_channels % r == 0), default=None)
+    return rows
+
+
+def pointwise_blocked(data, weight):
+    """out[n, oc, y, x] = sum_k weight[oc // R, k, oc % R] * data[n, k, y, x]: a 1x1
+    convolution as a matmul over the image, weights [OC / R, IC, R]."""
+    batch, channels, height, width = (int(d) for d in data.shape)
+    blocks, _, rows = (int(d) for d in weight.shape)
+    k = te.reduce_axis((0, channels), name="k")
+    return te.compute(
+        (batch, blocks * rows, height, width),
+        lambda n, oc, y, x: te.sum(data[n, k, y, x] * weight[oc // rows, k, oc % rows], axis=k),
+        name=POINTWISE_NAME,
+        attrs={KERNEL_ATTR: POINTWISE_NAME},
+    )
 
 
 def gemm(weight, columns, output_hw, out_dtype: str):

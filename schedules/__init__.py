@@ -12,7 +12,7 @@ import tvm
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.schedule.schedule import ScheduleError
 
-from .cpu_conv import BlockedConv, DepthwiseConv
+from .cpu_conv import BlockedConv, DepthwiseConv, PointwiseConv
 from .cpu_injective import InjectiveParallel
 from .cpu_matmul import BlockedMatmul
 from .cpu_tiling import MultiplyAccumulateTiling
@@ -24,15 +24,17 @@ _log = logging.getLogger("tvmq.schedules")
 
 
 def _cpu_rules():
-    # First rule that accepts a kernel wins: Winograd convolutions, blocked direct and
-    # depthwise convolutions and matmuls, tiled multiply-accumulate kernels, TVM's own CPU
-    # rule for matrix-vector products, then a parallel vectorized loop nest for everything
-    # else (row reductions included: dlight's cpu.Reduction recomputed a [1, 1000]
-    # softmax's max and sum once per output element, 2.6 ms instead of microseconds).
+    # First rule that accepts a kernel wins: Winograd convolutions; blocked direct,
+    # depthwise and pointwise convolutions and matmuls; tiled multiply-accumulate
+    # kernels; TVM's own CPU rule for matrix-vector products; then a parallel vectorized
+    # loop nest for everything else (row reductions included: dlight's cpu.Reduction
+    # recomputed a [1, 1000] softmax's max and sum once per output element, 2.6 ms
+    # instead of microseconds).
     return [
         WinogradConv(),
         BlockedConv(),
         DepthwiseConv(),
+        PointwiseConv(),
         BlockedMatmul(),
         MultiplyAccumulateTiling(),
         dl.cpu.GEMV(),

@@ -14,6 +14,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_ATTR, KERNEL_NAME
+from tvmq.passes.conv_to_gemm import POINTWISE_NAME, pointwise_vectors
 
 from . import x86_int8
 from .cpu_common import (
@@ -23,6 +24,7 @@ from .cpu_common import (
     loop_extent,
     num_vector_registers,
     schedule_injective,
+    schedule_tile_epilogue,
     top_level_blocks,
 )
 
@@ -79,6 +81,51 @@ class BlockedConv(CPUScheduleRule):
             # tensorized block is opaque to both.
             sch.vectorize(sch.get_loops(init)[-1])
             sch.tensorize(vector, x86_int8.register())
+        for earlier in prologue:
+            schedule_injective(sch, earlier, lanes)
+        return sch
+
+
+class PointwiseConv(CPUScheduleRule):
+    """Kernels whose main block is ``conv2d_pointwise`` (passes/conv_to_gemm.py).
+
+    A 1x1 convolution as a matmul over the image: the tile is R output channels (one
+    broadcast weight each) by one or two vectors of a row's pixels, so loads and stores are
+    contiguous NCHW rows. Measured (AVX2, 2 threads): 64->256 at 56x56 1.9 ms against 3.0
+    as the channel-vector kernel, 256->64 1.35 against 2.1, 16->96 at 112x112 1.35 vs 1.8.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = top_level_blocks(sch)
+        index = annotated_block(sch, blocks, KERNEL_ATTR, POINTWISE_NAME)
+        if index is None:
+            return None
+        main = blocks[index]
+        lanes = float32_lanes(target)
+        rows = int(sch.get(main).reads[-1].source.shape[-1])
+        width = loop_extent(sch, sch.get_loops(main)[3])
+        if width is None or width % lanes:
+            return None
+        vectors = pointwise_vectors(width, lanes)
+        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
+        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
+        for later in epilogue[:-1]:
+            sch.compute_inline(later)
+        n, oc, y, x, k = sch.get_loops(main)
+        oc_outer, oc_inner = sch.split(oc, factors=[None, rows])
+        x_outer, x_vectors, x_lanes = sch.split(x, factors=[None, vectors, lanes])
+        sch.reorder(oc_outer, n, y, x_outer, k, oc_inner, x_vectors, x_lanes)
+        tile = sch.fuse(oc_outer, n, y, x_outer)
+        sch.parallel(tile)
+        sch.unroll(oc_inner)
+        sch.unroll(x_vectors)
+        sch.vectorize(x_lanes)
+        sch.decompose_reduction(main, k)
+        sch.reverse_compute_at(epilogue[-1], tile)
+        schedule_tile_epilogue(sch, epilogue[-1], lanes)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch

@@ -167,3 +167,33 @@ def test_int8_conv_uses_vpmaddwd_on_avx2():
     # Even input channels: the int16 pair form, tensorized with vpmaddwd.
     w = RNG.integers(-128, 128, (16, 16, 3, 3)).astype(np.int8)
     assert "vpmaddwd" in _assembly((1, 16, 8, 8), w, "int32")
+
+
+@pytest.mark.parametrize("shape, out_channels", [
+    ((1, 16, 8, 32), 12),    # two pixel vectors per row, 6 channels per tile
+    ((1, 8, 4, 24), 10),     # one vector per row, 10 channels per tile
+])
+def test_pointwise_gemm_matches_numpy(shape, out_channels):
+    from tvmq.passes.conv_to_gemm import POINTWISE_NAME
+
+    w = RNG.normal(0, 0.3, (out_channels, shape[1], 1, 1)).astype(np.float32)
+    x = RNG.normal(size=shape).astype(np.float32)
+    builder = relax.BlockBuilder()
+    data = relax.Var("x", relax.TensorType(shape, "float32"))
+    with builder.function("main", [data]):
+        with builder.dataflow():
+            conv = builder.emit(relax.op.nn.conv2d(data, relax.const(w)))
+            out = builder.emit_output(relax.op.nn.relu(conv))
+        builder.emit_func_output(out)
+    preset = tvmq.targets.resolve("x86")
+    config = tvmq.CompileConfig(conv_algorithm=ConvPolicy.GEMM)
+    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(tvmq.pipeline(preset, config))(builder.get())
+    names = [gv.name_hint for gv, f in lowered.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any(POINTWISE_NAME in name for name in names)
+    vm = relax.VirtualMachine(tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None),
+                              tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = np.maximum(reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1), np.float64), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
