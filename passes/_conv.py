@@ -8,6 +8,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
+# The block attribute naming each kernel tvmq's passes emit (conv2d_blocked,
+# matmul_blocked...), by which the default schedule rules in schedules/ find them.
+KERNEL_ATTR = "tvmq.kernel"
+
 
 @dataclass(frozen=True)
 class Conv2D:

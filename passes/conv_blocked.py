@@ -17,9 +17,8 @@ import numpy as np
 import tvm
 from tvm import relax, te, topi
 
-from ._conv import Conv2D
+from ._conv import KERNEL_ATTR, Conv2D
 
-KERNEL_ATTR = "tvmq.kernel"
 KERNEL_NAME = "conv2d_blocked"
 DEPTHWISE_NAME = "conv2d_depthwise"
 

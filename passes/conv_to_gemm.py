@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from ._conv import Conv2D
+from ._conv import KERNEL_ATTR, Conv2D
 from .winograd import rewrite_convolutions
 
 
@@ -24,7 +24,6 @@ def eligible(conv: Conv2D) -> bool:
 
 
 POINTWISE_NAME = "conv2d_pointwise"
-KERNEL_ATTR = "tvmq.kernel"
 
 
 def emit_gemm(

@@ -16,7 +16,8 @@ import tvm
 from tvm import relax, te
 from tvm.ir.expr import Constant
 
-KERNEL_ATTR = "tvmq.kernel"
+from ._conv import KERNEL_ATTR
+
 KERNEL_NAME = "matmul_blocked"
 
 # (activation, output) dtypes the kernel computes.

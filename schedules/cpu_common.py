@@ -6,6 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule.schedule import ScheduleError
 from tvm.target import Target
 from tvm.target.codegen import llvm_cpu_has_features
+from tvmq.passes._conv import KERNEL_ATTR
 
 _DATA_PAR, _COMM_REDUCE = 0, 2
 
@@ -130,4 +131,26 @@ def inline_epilogue_inputs(sch: s_tir.Schedule, earlier: list, main) -> list:
         except ScheduleError:
             kept.append(block)
     return kept
+
+
+def find_kernel(func, name: str):
+    """(schedule, top-level blocks, index of the block annotated ``tvmq.kernel = name``) for
+    a PrimFunc holding one of tvmq's kernels, or None."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = top_level_blocks(sch)
+    index = annotated_block(sch, blocks, KERNEL_ATTR, name)
+    return None if index is None else (sch, blocks, index)
+
+
+def accumulate_locally(sch: s_tir.Schedule, blocks: list, index: int):
+    """Give the kernel ``blocks[index]`` a local accumulator and fold the elementwise
+    epilogue into one block that reads it. Returns (prologue blocks, epilogue block)."""
+    main = blocks[index]
+    prologue = inline_epilogue_inputs(sch, blocks[:index], main)
+    epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
+    for later in epilogue[:-1]:
+        sch.compute_inline(later)
+    return prologue, epilogue[-1]
 

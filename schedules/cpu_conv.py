@@ -10,22 +10,21 @@ across the image; the fused epilogue runs on each tile while it is in cache.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_ATTR, KERNEL_NAME
+from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME
 from tvmq.passes.conv_to_gemm import POINTWISE_NAME, pointwise_vectors
 
 from . import x86_int8
 from .cpu_common import (
-    annotated_block,
+    accumulate_locally,
+    find_kernel,
     float32_lanes,
-    inline_epilogue_inputs,
     loop_extent,
     num_vector_registers,
     schedule_injective,
     schedule_tile_epilogue,
-    top_level_blocks,
 )
 
 
@@ -33,13 +32,10 @@ class BlockedConv(CPUScheduleRule):
     """Kernels whose main block is ``conv2d_blocked``, with prologue and epilogue blocks."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = find_kernel(func, KERNEL_NAME) if self.is_target_available(target) else None
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = top_level_blocks(sch)
-        index = annotated_block(sch, blocks, KERNEL_ATTR, KERNEL_NAME)
-        if index is None:
-            return None
+        sch, blocks, index = found
         main = blocks[index]
         weight = sch.get(main).reads[-1].source
         # The int16 pair form (6-d weight) accumulates 8 int32 lanes per vpmaddwd.
@@ -53,10 +49,7 @@ class BlockedConv(CPUScheduleRule):
         _, _, oh, ow = extents
         hi, wi, vo = choose_tile(oh, ow, block // lanes, num_vector_registers(target))
 
-        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
-        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
-        for later in epilogue[:-1]:
-            sch.compute_inline(later)
+        prologue, epilogue = accumulate_locally(sch, blocks, index)
         if pairs:
             # Accumulators channel-innermost: each vpmaddwd updates 8 adjacent int32.
             sch.transform_layout(main, ("write", 0), lambda n, c, y, x: (n, y, x, c))
@@ -75,7 +68,7 @@ class BlockedConv(CPUScheduleRule):
         if not pairs:
             sch.vectorize(vector)
         init = sch.decompose_reduction(main, reduction[0])
-        sch.reverse_compute_at(epilogue[-1], tile)
+        sch.reverse_compute_at(epilogue, tile)
         if pairs:
             # After the reduction is split from its init and the epilogue placed: the
             # tensorized block is opaque to both.
@@ -96,13 +89,10 @@ class PointwiseConv(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = find_kernel(func, POINTWISE_NAME) if self.is_target_available(target) else None
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = top_level_blocks(sch)
-        index = annotated_block(sch, blocks, KERNEL_ATTR, POINTWISE_NAME)
-        if index is None:
-            return None
+        sch, blocks, index = found
         main = blocks[index]
         lanes = float32_lanes(target)
         rows = int(sch.get(main).reads[-1].source.shape[-1])
@@ -110,10 +100,7 @@ class PointwiseConv(CPUScheduleRule):
         if width is None or width % lanes:
             return None
         vectors = pointwise_vectors(width, lanes)
-        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
-        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
-        for later in epilogue[:-1]:
-            sch.compute_inline(later)
+        prologue, epilogue = accumulate_locally(sch, blocks, index)
         n, oc, y, x, k = sch.get_loops(main)
         oc_outer, oc_inner = sch.split(oc, factors=[None, rows])
         x_outer, x_vectors, x_lanes = sch.split(x, factors=[None, vectors, lanes])
@@ -124,8 +111,8 @@ class PointwiseConv(CPUScheduleRule):
         sch.unroll(x_vectors)
         sch.vectorize(x_lanes)
         sch.decompose_reduction(main, k)
-        sch.reverse_compute_at(epilogue[-1], tile)
-        schedule_tile_epilogue(sch, epilogue[-1], lanes)
+        sch.reverse_compute_at(epilogue, tile)
+        schedule_tile_epilogue(sch, epilogue, lanes)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch
@@ -141,13 +128,10 @@ class DepthwiseConv(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = find_kernel(func, DEPTHWISE_NAME) if self.is_target_available(target) else None
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = top_level_blocks(sch)
-        index = annotated_block(sch, blocks, KERNEL_ATTR, DEPTHWISE_NAME)
-        if index is None:
-            return None
+        sch, blocks, index = found
         main = blocks[index]
         lanes = float32_lanes(target)
         extents = [loop_extent(sch, loop) for loop in sch.get_loops(main)[:4]]
@@ -162,10 +146,7 @@ class DepthwiseConv(CPUScheduleRule):
         else:
             width = max(d for d in _divisors(ow) if d <= 2 * lanes)
 
-        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
-        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
-        for later in epilogue[:-1]:
-            sch.compute_inline(later)
+        prologue, epilogue = accumulate_locally(sch, blocks, index)
         n, c, y, x, ry, rx = sch.get_loops(main)
         y_outer, y_inner = sch.split(y, factors=[None, rows])
         x_outer, x_inner = sch.split(x, factors=[None, width])
@@ -175,7 +156,7 @@ class DepthwiseConv(CPUScheduleRule):
             sch.unroll(loop)
         sch.vectorize(x_inner)
         sch.decompose_reduction(main, ry)
-        sch.reverse_compute_at(epilogue[-1], x_outer)
+        sch.reverse_compute_at(epilogue, x_outer)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch

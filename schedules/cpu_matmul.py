@@ -8,21 +8,20 @@ column block outermost, so a block's weights (K x B) stay in cache across all ro
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvmq.passes.matmul_blocked import KERNEL_ATTR, KERNEL_NAME
+from tvmq.passes.matmul_blocked import KERNEL_NAME
 
 from . import x86_int8
 from .cpu_common import (
-    annotated_block,
+    accumulate_locally,
+    find_kernel,
     float32_lanes,
-    inline_epilogue_inputs,
     loop_extent,
     num_vector_registers,
     schedule_injective,
     schedule_tile_epilogue,
-    top_level_blocks,
 )
 from .cpu_conv import choose_tile
 
@@ -31,13 +30,10 @@ class BlockedMatmul(CPUScheduleRule):
     """Kernels whose main block is ``matmul_blocked``, with prologue and epilogue blocks."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = find_kernel(func, KERNEL_NAME) if self.is_target_available(target) else None
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = top_level_blocks(sch)
-        index = annotated_block(sch, blocks, KERNEL_ATTR, KERNEL_NAME)
-        if index is None:
-            return None
+        sch, blocks, index = found
         main = blocks[index]
         weight = sch.get(main).reads[-1].source
         # The int16 pair form (4-d weight) accumulates 8 int32 lanes per vpmaddwd.
@@ -52,10 +48,7 @@ class BlockedMatmul(CPUScheduleRule):
         _, rows, vo = choose_tile(1, extents[-2], block // lanes, registers)
         rows = _rows_past_divisors(extents[-2], rows, vo, registers)
 
-        prologue = inline_epilogue_inputs(sch, blocks[:index], main)
-        epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
-        for later in epilogue[:-1]:
-            sch.compute_inline(later)
+        prologue, epilogue = accumulate_locally(sch, blocks, index)
         loops = sch.get_loops(main)
         pair = loops.pop() if pairs else None
         *batch, m, n, k = loops
@@ -71,8 +64,8 @@ class BlockedMatmul(CPUScheduleRule):
         if not pairs:
             sch.vectorize(vector)
         init = sch.decompose_reduction(main, k)
-        sch.reverse_compute_at(epilogue[-1], tile)
-        schedule_tile_epilogue(sch, epilogue[-1], lanes)
+        sch.reverse_compute_at(epilogue, tile)
+        schedule_tile_epilogue(sch, epilogue, lanes)
         if pairs:
             sch.vectorize(sch.get_loops(init)[-1])
             sch.tensorize(vector, x86_int8.register())
