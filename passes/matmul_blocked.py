@@ -79,6 +79,10 @@ def matmul_blocked(data, weight, out_dtype: str):
 class BlockMatmulWeights:
     """Rewrite ``matmul(x, constant W)`` as the blocked-weight kernel.
 
+    Runs after constant folding and quantization (weights must be constants) and before
+    LegalizeOps. A PyExprMutator rather than a pattern: the replacement is a TE kernel,
+    which only a BlockBuilder can add to the module.
+
     Parameters
     ----------
     block : int, optional
