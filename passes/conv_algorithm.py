@@ -161,6 +161,7 @@ class ChooseConvAlgorithm:
         def rewrite(builder, conv: Conv2D, name: str):
             node = nodes.get(name, name)
             options = candidates(conv)
+            predicted = predict(conv, self.weight_block) if len(options) > 1 else options[0]
             times = {}
             algorithm = self._override(node, options)
             if algorithm is None:
@@ -170,7 +171,7 @@ class ChooseConvAlgorithm:
                     times = {a.value: self.measure(conv, a) for a in options}
                     algorithm = ConvAlgorithm(min(times, key=times.get))
                 elif self.policy is ConvPolicy.PREDICT or self.policy is ConvPolicy.MEASURE:
-                    algorithm = predict(conv, self.weight_block)
+                    algorithm = predicted
                 else:
                     algorithm = self._fixed(options)
             records.append({
@@ -179,7 +180,7 @@ class ChooseConvAlgorithm:
                 "weight_shape": list(conv.weight.shape),
                 "strides": list(conv.strides),
                 "algorithm": algorithm.value,
-                "predicted": predict(conv, self.weight_block).value,
+                "predicted": predicted.value,
                 "measured_ms": times,
             })
             return emit(builder, conv, algorithm, self.weight_block, self.int16_pairs)

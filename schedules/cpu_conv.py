@@ -37,11 +37,8 @@ class BlockedConv(CPUScheduleRule):
             return None
         sch, blocks, index = found
         main = blocks[index]
-        weight = sch.get(main).reads[-1].source
-        # The int16 pair form (6-d weight) accumulates 8 int32 lanes per vpmaddwd.
-        pairs = len(weight.shape) == 6
-        lanes = x86_int8.LANES if pairs else float32_lanes(target)
-        block = int(weight.shape[4])
+        # Weight [O/B, I, KH, KW, B], or [O/B, I/2, KH, KW, B, 2] in the int16 pair form.
+        pairs, lanes, block = x86_int8.weight_form(sch, main, 6, 4, float32_lanes(target))
         loops = sch.get_loops(main)
         extents = [loop_extent(sch, loop) for loop in loops[:4]]
         if any(e is None for e in extents) or block % lanes:
@@ -65,15 +62,7 @@ class BlockedConv(CPUScheduleRule):
         sch.parallel(tile)
         for loop in (y_inner, x_inner, vectors):
             sch.unroll(loop)
-        if not pairs:
-            sch.vectorize(vector)
-        init = sch.decompose_reduction(main, reduction[0])
-        sch.reverse_compute_at(epilogue, tile)
-        if pairs:
-            # After the reduction is split from its init and the epilogue placed: the
-            # tensorized block is opaque to both.
-            sch.vectorize(sch.get_loops(init)[-1])
-            sch.tensorize(vector, x86_int8.register())
+        x86_int8.finish_tile(sch, main, reduction[0], vector, tile, epilogue, pairs)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch

@@ -35,11 +35,8 @@ class BlockedMatmul(CPUScheduleRule):
             return None
         sch, blocks, index = found
         main = blocks[index]
-        weight = sch.get(main).reads[-1].source
-        # The int16 pair form (4-d weight) accumulates 8 int32 lanes per vpmaddwd.
-        pairs = len(weight.shape) == 4
-        lanes = x86_int8.LANES if pairs else float32_lanes(target)
-        block = int(weight.shape[2])
+        # Weight [N/B, K, B], or [N/B, K/2, B, 2] in the int16 pair form.
+        pairs, lanes, block = x86_int8.weight_form(sch, main, 4, 2, float32_lanes(target))
         spatial = sch.get_loops(main)[: -2 if pairs else -1]
         extents = [loop_extent(sch, loop) for loop in spatial]
         if any(e is None for e in extents) or block % lanes:
@@ -61,14 +58,8 @@ class BlockedMatmul(CPUScheduleRule):
         sch.parallel(tile)
         sch.unroll(m_inner)
         sch.unroll(vectors)
-        if not pairs:
-            sch.vectorize(vector)
-        init = sch.decompose_reduction(main, k)
-        sch.reverse_compute_at(epilogue, tile)
+        x86_int8.finish_tile(sch, main, k, vector, tile, epilogue, pairs)
         schedule_tile_epilogue(sch, epilogue, lanes)
-        if pairs:
-            sch.vectorize(sch.get_loops(init)[-1])
-            sch.tensorize(vector, x86_int8.register())
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch
@@ -83,5 +74,5 @@ def _rows_past_divisors(extent: int, rows: int, vo: int, registers: int) -> int:
     6-row tile ran at 65: predicates and a full register file spill).
     """
     wanted = (registers - 4) * 2 // 3 // vo
-    return wanted if rows * vo < wanted * vo and extent > wanted else rows
+    return wanted if rows < wanted < extent else rows
 

@@ -56,3 +56,28 @@ def register() -> str:
     if TensorIntrin.get(PAIR_DOT_8x2, allow_missing=True) is None:
         TensorIntrin.register(PAIR_DOT_8x2, _pair_dot_desc, _pair_dot_avx2)
     return PAIR_DOT_8x2
+
+
+def weight_form(sch, main, pair_rank: int, block_axis: int, float_lanes: int):
+    """(pairs, lanes, block) of a blocked kernel from its weight buffer (the block's last
+    read): a weight of rank ``pair_rank`` is the int16 pair form, which accumulates
+    ``LANES`` int32 per vpmaddwd; ``block`` is the weight's extent at ``block_axis``."""
+    weight = sch.get(main).reads[-1].source
+    pairs = len(weight.shape) == pair_rank
+    return pairs, LANES if pairs else float_lanes, int(weight.shape[block_axis])
+
+
+def finish_tile(sch, main, first_reduction, vector, tile, epilogue, pairs: bool) -> None:
+    """The steps a blocked kernel's register tile ends with: the channel vector (or, in the
+    pair form, vpmaddwd over it), the accumulator zeroed once per tile, and the epilogue
+    moved under the tile loop. The tensorized block is opaque to decompose_reduction and
+    reverse_compute_at, so the pair form tensorizes after both; vectorize must come before
+    decompose_reduction."""
+    if not pairs:
+        sch.vectorize(vector)
+    init = sch.decompose_reduction(main, first_reduction)
+    sch.reverse_compute_at(epilogue, tile)
+    if pairs:
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(vector, register())
+

@@ -34,7 +34,8 @@ def reference_conv(x, w, strides, padding, dilation, dtype):
     return out
 
 
-def _compiled_conv(shape, weight, strides, padding, dilation, out_dtype, groups=1):
+def _conv_module(shape, weight, strides, padding, dilation, out_dtype, groups=1):
+    """x -> conv(x) + conv(x): the add is an epilogue the kernel must fuse."""
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "int8" if out_dtype == "int32" else "float32"))
     with builder.function("main", [x]):
@@ -44,13 +45,24 @@ def _compiled_conv(shape, weight, strides, padding, dilation, out_dtype, groups=
                 out_dtype=out_dtype))
             out = builder.emit_output(relax.op.add(conv, conv))
         builder.emit_func_output(out)
+    return builder.get()
+
+
+def _build(mod, policy=ConvPolicy.DIRECT):
+    """(executable, kernel names) of ``mod`` through tvmq's x86 pipeline."""
     preset = tvmq.targets.resolve("x86")
-    config = tvmq.CompileConfig(conv_algorithm=ConvPolicy.DIRECT)
+    config = tvmq.CompileConfig(conv_algorithm=policy)
     with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(tvmq.pipeline(preset, config))(builder.get())
+        lowered = tvm.transform.Sequential(tvmq.pipeline(preset, config))(mod)
     kernels = [gv.name_hint for gv, f in lowered.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)]
-    executable = tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None)
+    return tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None), kernels
+
+
+def _compiled_conv(shape, weight, strides, padding, dilation, out_dtype, groups=1,
+                   policy=ConvPolicy.DIRECT):
+    executable, kernels = _build(
+        _conv_module(shape, weight, strides, padding, dilation, out_dtype, groups), policy)
     return relax.VirtualMachine(executable, tvm.cpu()), kernels
 
 
@@ -149,17 +161,8 @@ def test_depthwise_matches_numpy(shape, strides, dtype, kernel):
 
 
 def _assembly(shape, weight, out_dtype):
-    builder = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, "int8"))
-    with builder.function("main", [x]):
-        with builder.dataflow():
-            out = builder.emit_output(relax.op.nn.conv2d(
-                x, relax.const(weight), padding=(1, 1, 1, 1), out_dtype=out_dtype))
-        builder.emit_func_output(out)
-    preset = tvmq.targets.resolve("x86")
-    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(tvmq.pipeline(preset))(builder.get())
-    executable = tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None)
+    executable, _ = _build(
+        _conv_module(shape, weight, (1, 1), (1, 1, 1, 1), (1, 1), out_dtype))
     return "".join(m.inspect_source("asm") for m in executable.mod.imports)
 
 
@@ -178,22 +181,9 @@ def test_pointwise_gemm_matches_numpy(shape, out_channels):
 
     w = RNG.normal(0, 0.3, (out_channels, shape[1], 1, 1)).astype(np.float32)
     x = RNG.normal(size=shape).astype(np.float32)
-    builder = relax.BlockBuilder()
-    data = relax.Var("x", relax.TensorType(shape, "float32"))
-    with builder.function("main", [data]):
-        with builder.dataflow():
-            conv = builder.emit(relax.op.nn.conv2d(data, relax.const(w)))
-            out = builder.emit_output(relax.op.nn.relu(conv))
-        builder.emit_func_output(out)
-    preset = tvmq.targets.resolve("x86")
-    config = tvmq.CompileConfig(conv_algorithm=ConvPolicy.GEMM)
-    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(tvmq.pipeline(preset, config))(builder.get())
-    names = [gv.name_hint for gv, f in lowered.functions_items()
-             if isinstance(f, tvm.tirx.PrimFunc)]
-    assert any(POINTWISE_NAME in name for name in names)
-    vm = relax.VirtualMachine(tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None),
-                              tvm.cpu())
+    vm, kernels = _compiled_conv(shape, w, (1, 1), (0, 0, 0, 0), (1, 1), "float32",
+                                 policy=ConvPolicy.GEMM)
+    assert any(POINTWISE_NAME in name for name in kernels)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    want = np.maximum(reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1), np.float64), 0)
+    want = 2 * reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
