@@ -28,7 +28,8 @@ def digits_artifact(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def digits_profile(digits_artifact) -> Profile:
     images, _ = digits_test_set()
-    return profile(digits_artifact, inputs={"input": images[:1]}, repeat=30)
+    # Many runs: the sum is compared with means of sub-millisecond runs on a shared VM.
+    return profile(digits_artifact, inputs={"input": images[:1]}, repeat=150)
 
 
 def test_every_kernel_listed_and_mapped_to_onnx_nodes(digits_artifact, digits_profile):
