@@ -164,7 +164,8 @@ def _time_calls(model: Model, feed, repeat: int):
     instrument's own cost, measured on ``vm.builtin.null_value``, which does nothing.
     Returns the mean time of each kernel call by kernel (means, not medians, so that the
     parts add up to the mean end-to-end time: medians of right-skewed call times summed
-    16-30% short of it once kernels took microseconds), the time per run of the VM
+    16-30% short of it once kernels took microseconds; the slowest and fastest tenth are
+    left out, as a descheduled Python hook added 40% in one gap), the time per run of the VM
     itself (its builtins: allocation, shape checks, reshapes; and its dispatch between
     calls), and the number of builtin calls.
     """
@@ -199,7 +200,7 @@ def _time_calls(model: Model, feed, repeat: int):
     per_kernel: dict[str, list[float]] = {}
     builtin_total = 0.0
     for position, (symbol, _) in enumerate(calls):
-        elapsed = statistics.fmean(run[position][1] for run in runs)
+        elapsed = _trimmed_mean([run[position][1] for run in runs])
         elapsed = max(0.0, elapsed - overhead) * 1e3
         if symbol.startswith("vm."):
             builtin_total += elapsed
@@ -208,10 +209,17 @@ def _time_calls(model: Model, feed, repeat: int):
     # Between two calls the VM interprets its own instructions (moves, branches, frame
     # set-up): the gap between one call's end and the next one's start, less the hook.
     dispatch = sum(
-        max(0.0, statistics.fmean(run[i] for run in gaps) - overhead) for i in range(len(gaps[0]))
+        max(0.0, _trimmed_mean([run[i] for run in gaps]) - overhead) for i in range(len(gaps[0]))
     ) * 1e3
     builtins = sum(1 for symbol, _ in calls if symbol.startswith("vm."))
     return per_kernel, builtin_total + dispatch, builtins
+
+
+def _trimmed_mean(values: list[float], cut: float = 0.1) -> float:
+    """Mean of ``values`` without the lowest and highest ``cut`` fraction."""
+    ordered = sorted(values)
+    drop = int(len(ordered) * cut)
+    return statistics.fmean(ordered[drop : len(ordered) - drop] or ordered)
 
 
 def _no_instrument(*_args):
