@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import tvm
@@ -11,6 +12,31 @@ from tvm import relax
 # The block attribute naming each kernel tvmq's passes emit (conv2d_blocked,
 # matmul_blocked...), by which the default schedule rules in schedules/ find them.
 KERNEL_ATTR = "tvmq.kernel"
+
+
+class IntDot(StrEnum):
+    """The instruction an integer kernel's operands are laid out for (x86 CPUs).
+
+    - ``int32``: each int8 product widened to int32 (any CPU);
+    - ``int16-pairs``: ``vpmaddwd`` (AVX2): activations widened to int16, two input
+      channels per 32-bit lane, weights [..., B, 2];
+    - ``u8-quads``: ``vpdpbusd`` (AVX-512 VNNI): uint8 activations times int8 weights, four
+      input channels per 32-bit lane, weights [..., B, 4]. VNNI multiplies u8 by s8 only,
+      so int8 activations fall back to pairs.
+    """
+
+    WIDE = "int32"
+    PAIRS = "int16-pairs"
+    QUADS = "u8-quads"
+
+    def for_data(self, dtype: str) -> IntDot:
+        """The form a kernel with ``dtype`` activations takes under this target form."""
+        return IntDot.PAIRS if self is IntDot.QUADS and dtype != "uint8" else self
+
+    @property
+    def group(self) -> int:
+        """Input channels multiplied into each 32-bit accumulator lane per instruction."""
+        return {IntDot.WIDE: 1, IntDot.PAIRS: 2, IntDot.QUADS: 4}[self]
 
 
 @dataclass(frozen=True)

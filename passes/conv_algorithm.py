@@ -2,7 +2,8 @@
 
 Runs on the graph after batch-norm folding and quantization and before LegalizeOps.
 Integer convolutions (quantized layers) have one candidate, direct, which on CPUs is the
-blocked kernel of passes/conv_blocked.py (exact; int16 pairs and vpmaddwd on AVX2). For
+blocked kernel of passes/conv_blocked.py (exact; int16 pairs and vpmaddwd on AVX2, uint8
+quads and vpdpbusd on AVX-512 VNNI). For
 each float conv2d the candidates are the algorithms that compute it; the choice is
 
 - ``measure``: each candidate is built on its own through the same pipeline and timed on
@@ -33,7 +34,7 @@ from tvm import relax
 from tvmq.frontend import ORIGINS_ATTR
 
 from . import conv_blocked, conv_to_gemm, winograd
-from ._conv import Conv2D
+from ._conv import Conv2D, IntDot
 
 CONV_ALGORITHMS_ATTR = "tvmq.conv_algorithms"
 
@@ -104,7 +105,7 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
 
 def emit(
     builder: relax.BlockBuilder, conv: Conv2D, algorithm: ConvAlgorithm,
-    weight_block: int | None = None, int16_pairs: bool = False,
+    weight_block: int | None = None, int_dot: IntDot = IntDot.WIDE,
 ):
     """The rewritten call for ``algorithm``, or None to keep the conv2d.
 
@@ -114,7 +115,7 @@ def emit(
     """
     if algorithm is ConvAlgorithm.DIRECT:
         if conv_blocked.eligible(conv, weight_block):
-            return conv_blocked.emit_blocked(builder, conv, weight_block, int16_pairs)
+            return conv_blocked.emit_blocked(builder, conv, weight_block, int_dot)
         if conv_blocked.depthwise(conv, weight_block):
             return conv_blocked.emit_depthwise(builder, conv)
         return None
@@ -139,16 +140,16 @@ class ChooseConvAlgorithm:
     weight_block : int, optional
         Output channels per weight block of the blocked direct kernel (CPU targets: two
         vector widths); None keeps direct convolutions as TVM's conv2d.
-    int16_pairs : bool
-        Integer convolutions take the int16 pair form (x86 with AVX2: ``vpmaddwd``).
+    int_dot : IntDot
+        The target's integer multiply, whose operand form integer convolutions take.
     """
 
     def __init__(
         self, policy: ConvPolicy = ConvPolicy.PREDICT, *, overrides=None, measure=None,
-        weight_block: int | None = None, int16_pairs: bool = False,
+        weight_block: int | None = None, int_dot: IntDot = IntDot.WIDE,
     ):
         self.policy = ConvPolicy(policy)
-        self.int16_pairs = int16_pairs
+        self.int_dot = IntDot(int_dot)
         self.overrides = {k: ConvAlgorithm(v) for k, v in (overrides or {}).items()}
         self.measure = measure
         self.weight_block = weight_block
@@ -183,7 +184,7 @@ class ChooseConvAlgorithm:
                 "predicted": predicted.value,
                 "measured_ms": times,
             })
-            return emit(builder, conv, algorithm, self.weight_block, self.int16_pairs)
+            return emit(builder, conv, algorithm, self.weight_block, self.int_dot)
 
         mod = winograd.rewrite_convolutions(mod, rewrite, integer=True)
         return mod.with_attr(CONV_ALGORITHMS_ATTR, json.dumps(records))

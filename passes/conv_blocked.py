@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, topi
 
-from ._conv import KERNEL_ATTR, Conv2D
+from ._conv import KERNEL_ATTR, Conv2D, IntDot
 
 KERNEL_NAME = "conv2d_blocked"
 DEPTHWISE_NAME = "conv2d_depthwise"
@@ -104,25 +104,32 @@ def blocked_weight(weight: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(grouped.transpose(0, 2, 3, 4, 1))
 
 
+def grouped_weight(weight: np.ndarray, group: int) -> np.ndarray:
+    """[O/B, I, KH, KW, B] -> [O/B, ceil(I/g), KH, KW, B, g]: each weight beside its next
+    ``g - 1`` input-channel neighbours (zeros past the last channel), the operand layout of
+    ``vpmaddwd`` (g = 2) and ``vpdpbusd`` (g = 4)."""
+    blocks, channels, kh, kw, size = weight.shape
+    padded = -channels % group
+    if padded:
+        weight = np.pad(weight, ((0, 0), (0, padded), (0, 0), (0, 0), (0, 0)))
+    grouped = weight.reshape(blocks, (channels + padded) // group, group, kh, kw, size)
+    return np.ascontiguousarray(grouped.transpose(0, 1, 3, 4, 5, 2))
+
+
 def emit_blocked(
-    builder: relax.BlockBuilder, conv: Conv2D, block: int, int16_pairs: bool = False
+    builder: relax.BlockBuilder, conv: Conv2D, block: int, int_dot: IntDot = IntDot.WIDE
 ) -> relax.Expr:
     """The blocked direct form of ``conv`` (its kernel added to ``builder``).
 
-    ``int16_pairs`` (x86 with AVX2): integer convolutions with an even number of input
-    channels take the pair form, which ``schedules/x86_int8.py`` computes with
-    ``vpmaddwd`` (16 int16 products summed in pairs into 8 int32 per instruction).
+    ``int_dot``: the target's integer multiply (passes/_conv.py ``IntDot``); integer
+    convolutions take its grouped-channel form, which ``schedules/x86_int8.py`` computes
+    with ``vpmaddwd`` (int16 pairs, AVX2) or ``vpdpbusd`` (uint8 quads, AVX-512 VNNI).
     """
     size = weight_block(conv, block)
-    pairs = int16_pairs and conv.is_integer and conv.weight.shape[1] % 2 == 0
+    form = int_dot.for_data(str(conv.data.ty.dtype)) if conv.is_integer else IntDot.WIDE
     weight = blocked_weight(conv.weight, size)
-    if pairs:
-        # [O/B, I, KH, KW, B] -> [O/B, I/2, KH, KW, B, 2]: each weight's input-channel
-        # neighbour beside it, the pair layout vpmaddwd multiplies.
-        blocks, channels, kh, kw, _ = weight.shape
-        weight = np.ascontiguousarray(
-            weight.reshape(blocks, channels // 2, 2, kh, kw, size).transpose(0, 1, 3, 4, 5, 2)
-        )
+    if form is not IntDot.WIDE:
+        weight = grouped_weight(weight, form.group)
     return builder.call_te(
         conv2d_blocked, conv.data, relax.const(weight), conv.strides, conv.padding,
         conv.dilation, conv.out_dtype, primfunc_name_hint=KERNEL_NAME,
@@ -130,9 +137,10 @@ def emit_blocked(
 
 
 def conv2d_blocked(data, weight, strides, padding, dilation, out_dtype: str):
-    """The kernel; a 6-d weight ([O/B, I/2, KH, KW, B, 2]) selects the int16 pair form."""
+    """The kernel; a 6-d weight ([O/B, I/g, KH, KW, B, g]) selects the grouped-channel form
+    (g = 2: int16 pairs; g = 4: uint8 quads)."""
     batch, _, height, width = (int(d) for d in data.shape)
-    pairs = len(weight.shape) == 6
+    group = int(weight.shape[5]) if len(weight.shape) == 6 else 1
     blocks, in_channels, kh, kw, block = (int(d) for d in weight.shape[:5])
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
@@ -150,17 +158,18 @@ def conv2d_blocked(data, weight, strides, padding, dilation, out_dtype: str):
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     ic = te.reduce_axis((0, in_channels), name="ic")
-    if pairs:
-        # The padding copy also interleaves channel pairs and widens them to int16, so the
-        # kernel broadcasts each pair with one 32-bit load.
-        padded = _pad_pairs(data, top, left, bottom, right)
-        pair = te.reduce_axis((0, 2), name="pair")
+    if group > 1:
+        # The padding copy also interleaves channel groups (widened to int16 for pairs), so
+        # the kernel broadcasts each group with one 32-bit load.
+        wide_dtype = "int16" if group == 2 else str(data.dtype)
+        padded = _pad_groups(data, group, wide_dtype, top, left, bottom, right)
+        lane = te.reduce_axis((0, group), name="lane")
 
         def value(n, oc, y, x):
             return te.sum(
-                padded[n, ic, y * sh + ry * dh, x * sw + rx * dw, pair].astype(out_dtype)
-                * weight[oc // block, ic, ry, rx, oc % block, pair].astype(out_dtype),
-                axis=[ic, ry, rx, pair],
+                padded[n, ic, y * sh + ry * dh, x * sw + rx * dw, lane].astype(out_dtype)
+                * weight[oc // block, ic, ry, rx, oc % block, lane].astype(out_dtype),
+                axis=[ic, ry, rx, lane],
             )
     else:
         padded = (
@@ -182,19 +191,22 @@ def conv2d_blocked(data, weight, strides, padding, dilation, out_dtype: str):
     return te.compute((batch, blocks * block, oh, ow), lambda *i: out(*i), name="crop")
 
 
-def _pad_pairs(data, top: int, left: int, bottom: int, right: int):
-    """[N, C, H, W] int8 -> zero-padded [N, C/2, H', W', 2] int16."""
+def _pad_groups(data, group: int, dtype: str, top: int, left: int, bottom: int, right: int):
+    """[N, C, H, W] -> zero-padded [N, ceil(C/g), H', W', g] of ``dtype`` (channels past C
+    are zero, as are their weights)."""
     batch, channels, height, width = (int(d) for d in data.shape)
 
     def value(n, c, y, x, i):
-        inside = tvm.tirx.all(y >= top, y < top + height, x >= left, x < left + width)
+        inside = tvm.tirx.all(
+            y >= top, y < top + height, x >= left, x < left + width, group * c + i < channels
+        )
         return tvm.tirx.if_then_else(
-            inside, data[n, 2 * c + i, y - top, x - left].astype("int16"),
-            tvm.tirx.const(0, "int16"),
+            inside, data[n, group * c + i, y - top, x - left].astype(dtype),
+            tvm.tirx.const(0, dtype),
         )
 
-    shape = (batch, channels // 2, height + top + bottom, width + left + right, 2)
-    return te.compute(shape, value, name="data_pairs")
+    shape = (batch, -(-channels // group), height + top + bottom, width + left + right, group)
+    return te.compute(shape, value, name="data_groups")
 
 
 def _even(extent: int) -> int:

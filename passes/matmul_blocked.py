@@ -16,7 +16,7 @@ import tvm
 from tvm import relax, te
 from tvm.ir.expr import Constant
 
-from ._conv import KERNEL_ATTR
+from ._conv import KERNEL_ATTR, IntDot
 
 KERNEL_NAME = "matmul_blocked"
 
@@ -41,24 +41,26 @@ def blocked_weight(weight: np.ndarray, block: int) -> np.ndarray:
 def matmul_blocked(data, weight, out_dtype: str):
     """out[..., m, n] = sum_k data[..., m, k] * weight[n // B, k, n % B].
 
-    A 4-d weight ([N/B, K/2, B, 2], int8) selects the int16 pair form: the activations are
-    first widened to int16, so each (k, k + 1) pair is one 32-bit broadcast for vpmaddwd
-    (schedules/x86_int8.py).
+    A 4-d weight ([N/B, K/g, B, g], int8) selects the grouped form: g = 2, the int16 pair
+    form (activations first widened to int16, so each (k, k + 1) pair is one 32-bit
+    broadcast for vpmaddwd); g = 4, uint8 quads (four consecutive uint8 activations are one
+    32-bit broadcast for vpdpbusd, read in place). See schedules/x86_int8.py.
     """
     *batch, rows, depth = (int(d) for d in data.shape)
-    pairs = len(weight.shape) == 4
+    group = int(weight.shape[3]) if len(weight.shape) == 4 else 1
     blocks, block = int(weight.shape[0]), int(weight.shape[2])
-    if pairs:
-        wide = te.compute(data.shape, lambda *i: data(*i).astype("int16"), name="data_int16")
-        k = te.reduce_axis((0, depth // 2), name="k")
-        pair = te.reduce_axis((0, 2), name="pair")
+    if group > 1:
+        wide = data if group == 4 else te.compute(
+            data.shape, lambda *i: data(*i).astype("int16"), name="data_int16")
+        k = te.reduce_axis((0, depth // group), name="k")
+        lane = te.reduce_axis((0, group), name="lane")
 
         def compute(*index):
             *lead, n = index
             return te.sum(
-                wide[(*lead, 2 * k + pair)].astype(out_dtype)
-                * weight[n // block, k, n % block, pair].astype(out_dtype),
-                axis=[k, pair],
+                wide[(*lead, group * k + lane)].astype(out_dtype)
+                * weight[n // block, k, n % block, lane].astype(out_dtype),
+                axis=[k, lane],
             )
     else:
         k = te.reduce_axis((0, depth), name="k")
@@ -88,24 +90,25 @@ class BlockMatmulWeights:
     block : int, optional
         Columns per weight block (CPU targets: two vector widths); None leaves the
         module unchanged (GPU targets keep their own matmul schedules).
-    int16_pairs : bool
-        Integer matmuls take the int16 pair form (x86 with AVX2: ``vpmaddwd``).
+    int_dot : IntDot
+        The target's integer multiply: integer matmuls take its grouped form (int16 pairs
+        for ``vpmaddwd`` on AVX2, uint8 quads for ``vpdpbusd`` on AVX-512 VNNI).
     """
 
-    def __init__(self, block: int | None, int16_pairs: bool = False) -> None:
+    def __init__(self, block: int | None, int_dot: IntDot = IntDot.WIDE) -> None:
         self.block = block
-        self.int16_pairs = int16_pairs
+        self.int_dot = IntDot(int_dot)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.block is None:
             return mod
-        block, pairs = self.block, self.int16_pairs
+        block, int_dot = self.block, self.int_dot
 
         @relax.expr_functor.mutator
         class _Rewriter(relax.PyExprMutator):
             def visit_call_(self, call: relax.Call) -> relax.Expr:
                 call = super().visit_call_(call)
-                rewritten = _rewrite(self.builder_, call, block, pairs)
+                rewritten = _rewrite(self.builder_, call, block, int_dot)
                 return rewritten if rewritten is not None else call
 
         rewriter = _Rewriter(mod)
@@ -116,7 +119,7 @@ class BlockMatmulWeights:
 
 
 def _rewrite(
-    builder: relax.BlockBuilder, call: relax.Call, block: int, int16_pairs: bool
+    builder: relax.BlockBuilder, call: relax.Call, block: int, int_dot: IntDot
 ) -> relax.Expr | None:
     if getattr(call.op, "name", None) != "relax.matmul":
         return None
@@ -144,10 +147,21 @@ def _rewrite(
     if size is None:
         return None
     blocked = blocked_weight(value, size)
-    if int16_pairs and out_dtype == "int32" and value.shape[0] % 2 == 0:
-        # [N/B, K, B] -> [N/B, K/2, B, 2]: rows k and k + 1 side by side per column.
+    group = _group(int_dot, str(data_ty.dtype), value.shape[0]) if out_dtype == "int32" else 1
+    if group > 1:
+        # [N/B, K, B] -> [N/B, K/g, B, g]: rows k .. k + g - 1 side by side per column.
         blocks, depth, _ = blocked.shape
         blocked = np.ascontiguousarray(
-            blocked.reshape(blocks, depth // 2, 2, size).transpose(0, 1, 3, 2))
+            blocked.reshape(blocks, depth // group, group, size).transpose(0, 1, 3, 2))
     return builder.call_te(matmul_blocked, data, relax.const(blocked), out_dtype,
                            primfunc_name_hint=KERNEL_NAME)
+
+
+def _group(int_dot: IntDot, dtype: str, depth: int) -> int:
+    """Rows of the weight per accumulator lane: the target's form where the depth splits
+    into its groups (the activations are read in place, not padded), else a smaller one."""
+    form = int_dot.for_data(dtype)
+    for candidate in (form, IntDot.PAIRS if form is not IntDot.WIDE else form):
+        if depth % candidate.group == 0:
+            return candidate.group
+    return 1

@@ -37,8 +37,8 @@ class BlockedConv(CPUScheduleRule):
             return None
         sch, blocks, index = found
         main = blocks[index]
-        # Weight [O/B, I, KH, KW, B], or [O/B, I/2, KH, KW, B, 2] in the int16 pair form.
-        pairs, lanes, block = x86_int8.weight_form(sch, main, 6, 4, float32_lanes(target))
+        # Weight [O/B, I, KH, KW, B], or [O/B, I/g, KH, KW, B, g] in a grouped form.
+        group, lanes, block = x86_int8.weight_form(sch, main, 6, 4, float32_lanes(target))
         loops = sch.get_loops(main)
         extents = [loop_extent(sch, loop) for loop in loops[:4]]
         if any(e is None for e in extents) or block % lanes:
@@ -47,22 +47,22 @@ class BlockedConv(CPUScheduleRule):
         hi, wi, vo = choose_tile(oh, ow, block // lanes, num_vector_registers(target))
 
         prologue, epilogue = accumulate_locally(sch, blocks, index)
-        if pairs:
-            # Accumulators channel-innermost: each vpmaddwd updates 8 adjacent int32.
+        if group > 1:
+            # Accumulators channel-innermost: each vpmaddwd / vpdpbusd updates adjacent int32.
             sch.transform_layout(main, ("write", 0), lambda n, c, y, x: (n, y, x, c))
         n, oc, y, x, *reduction = sch.get_loops(main)
-        pair = reduction.pop() if pairs else None
+        lane = reduction.pop() if group > 1 else None
         oc_outer, oc_inner = sch.split(oc, factors=[None, vo * lanes])
         y_outer, y_inner = sch.split(y, factors=[None, hi])
         x_outer, x_inner = sch.split(x, factors=[None, wi])
         vectors, vector = sch.split(oc_inner, factors=[vo, lanes])
-        inner = [y_inner, x_inner, vectors, vector, *([pair] if pairs else [])]
+        inner = [y_inner, x_inner, vectors, vector, *([lane] if lane else [])]
         sch.reorder(oc_outer, n, y_outer, x_outer, *reduction, *inner)
         tile = sch.fuse(oc_outer, n, y_outer, x_outer)
         sch.parallel(tile)
         for loop in (y_inner, x_inner, vectors):
             sch.unroll(loop)
-        x86_int8.finish_tile(sch, main, reduction[0], vector, tile, epilogue, pairs)
+        x86_int8.finish_tile(sch, main, reduction[0], vector, tile, epilogue, group)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch

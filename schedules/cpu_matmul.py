@@ -35,30 +35,33 @@ class BlockedMatmul(CPUScheduleRule):
             return None
         sch, blocks, index = found
         main = blocks[index]
-        # Weight [N/B, K, B], or [N/B, K/2, B, 2] in the int16 pair form.
-        pairs, lanes, block = x86_int8.weight_form(sch, main, 4, 2, float32_lanes(target))
-        spatial = sch.get_loops(main)[: -2 if pairs else -1]
+        # Weight [N/B, K, B], or [N/B, K/g, B, g] in a grouped form.
+        group, lanes, block = x86_int8.weight_form(sch, main, 4, 2, float32_lanes(target))
+        spatial = sch.get_loops(main)[: -2 if group > 1 else -1]
         extents = [loop_extent(sch, loop) for loop in spatial]
         if any(e is None for e in extents) or block % lanes:
             return None
         registers = num_vector_registers(target)
         _, rows, vo = choose_tile(1, extents[-2], block // lanes, registers)
-        rows = _rows_past_divisors(extents[-2], rows, vo, registers)
+        if group == 1:
+            # A predicate inside the tensorized block defeats tensorize: grouped forms keep
+            # tiles that divide the rows.
+            rows = _rows_past_divisors(extents[-2], rows, vo, registers)
 
         prologue, epilogue = accumulate_locally(sch, blocks, index)
         loops = sch.get_loops(main)
-        pair = loops.pop() if pairs else None
+        lane = loops.pop() if group > 1 else None
         *batch, m, n, k = loops
         n_outer, n_inner = sch.split(n, factors=[None, vo * lanes])
         m_outer, m_inner = sch.split(m, factors=[None, rows])
         vectors, vector = sch.split(n_inner, factors=[vo, lanes])
         sch.reorder(n_outer, *batch, m_outer, k, m_inner, vectors, vector,
-                    *([pair] if pairs else []))
+                    *([lane] if lane else []))
         tile = sch.fuse(n_outer, *batch, m_outer)
         sch.parallel(tile)
         sch.unroll(m_inner)
         sch.unroll(vectors)
-        x86_int8.finish_tile(sch, main, k, vector, tile, epilogue, pairs)
+        x86_int8.finish_tile(sch, main, k, vector, tile, epilogue, group)
         schedule_tile_epilogue(sch, epilogue, lanes)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
@@ -71,8 +74,9 @@ def _rows_past_divisors(extent: int, rows: int, vo: int, registers: int) -> int:
     Sequence lengths such as 197 (ViT) or 77 (CLIP) have no small divisor, which leaves a
     1-row tile of two accumulators. A predicated tile of two thirds of the registers keeps
     its speed (197x768x768, AVX2: 4 rows 128 GFLOP/s against 44 for 1 row; a predicated
-    6-row tile ran at 65: predicates and a full register file spill).
+    6-row tile ran at 65: predicates and a full register file spill). Only where the
+    divisors leave less than half that tile: a predicate costs more than a row or two.
     """
     wanted = (registers - 4) * 2 // 3 // vo
-    return wanted if rows < wanted < extent else rows
+    return wanted if 2 * rows < wanted < extent else rows
 

@@ -1,15 +1,25 @@
-"""int8 multiply-accumulate on x86 without VNNI: ``vpmaddwd`` on int16 pairs.
+"""int8 multiply-accumulate on x86: ``vpdpbusd`` (VNNI) on uint8 quads, ``vpmaddwd`` on int16
+pairs without it.
 
-AVX2 has no int8 dot product (VNNI's ``vpdpbusd``); ``vpmaddwd`` multiplies 16 int16 pairs
-and adds each pair into one of 8 int32 lanes, 16 multiply-adds per instruction, against
-8 per two instructions (``vpmulld`` + ``vpaddd``) when int8 values are widened to int32.
-The blocked kernels' pair form (passes/conv_blocked.py, passes/matmul_blocked.py) lays
-weights out as [..., 8 output channels, 2 inputs] (int8, widened on load) and activations
-as int16 pairs, so one step is a 32-bit broadcast of the pair, one load and widen of 16
-weights, and one ``vpmaddwd``. Exact: products and pair sums fit int32.
+The blocked kernels' grouped form (passes/conv_blocked.py, passes/matmul_blocked.py) lays
+weights out as [..., B output channels, g inputs] and activations as g-channel groups, so
+each step of the reduction is one 32-bit broadcast of an activation group, one vector load
+of weights and one instruction:
 
-Measured (2 threads, this machine's AVX2): 3x3 256->256 at 14x14 172 GOP/s (int32 path 92,
+- g = 4, AVX-512 VNNI: ``vpdpbusd`` multiplies 64 uint8 activations by 64 int8 weights and
+  adds each four products into one of 16 int32 lanes (64 multiply-adds per instruction);
+  activations are uint8 (RealizeQuantization shifts them by 128 for VNNI targets).
+- g = 2, AVX2: ``vpmaddwd`` multiplies 16 int16 pairs and adds each pair into one of 8 int32
+  lanes, 16 multiply-adds per instruction, against 8 per two instructions (``vpmulld`` +
+  ``vpaddd``) when int8 values are widened to int32.
+
+Both are exact: products and group sums fit int32 (``vpdpbusd`` does not saturate).
+
+Measured (2 threads, AVX2, vpmaddwd): 3x3 256->256 at 14x14 172 GOP/s (int32 path 92,
 fp32 145); 1x1 1024->256 at 14x14 197 GOP/s (int32 path 84).
+
+The stock ``dot_16x4_vnni`` intrinsic of TVM hands LLVM 22 int32x16 operands where
+``llvm.x86.avx512.vpdpbusd.512`` takes <64 x i8>; the one here passes bytes.
 """
 
 from __future__ import annotations
@@ -18,21 +28,28 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 PAIR_DOT_8x2 = "tvmq_int16_pair_dot_8x2_avx2"
-LANES = 8  # int32 accumulators per vpmaddwd (256-bit)
+QUAD_DOT_16x4 = "tvmq_u8s8_quad_dot_16x4_vnni"
+# int32 accumulators per instruction, by group: vpmaddwd (256-bit), vpdpbusd (512-bit).
+LANES = {2: 8, 4: 16}
 
 
-@T.prim_func(s_tir=True)
-def _pair_dot_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
-    B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i, k in T.grid(8, 2):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_desc(lanes: int, group: int, a_dtype: str):
+    """What both instructions compute: ``C[i] += sum_k A[k] * B[i, k]`` in int32."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (group,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, group):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
 
 
 @T.prim_func(s_tir=True)
@@ -51,33 +68,58 @@ def _pair_dot_avx2(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
-def register() -> str:
-    """Register the intrinsic (once per process); returns its name."""
-    if TensorIntrin.get(PAIR_DOT_8x2, allow_missing=True) is None:
-        TensorIntrin.register(PAIR_DOT_8x2, _pair_dot_desc, _pair_dot_avx2)
-    return PAIR_DOT_8x2
+@T.prim_func(s_tir=True)
+def _quad_dot_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        quad = T.reinterpret(A.vload([0], dtype="uint8x4"), dtype="int32")
+        a8 = T.reinterpret(T.broadcast(quad, 16), dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"), a8, B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
 
 
-def weight_form(sch, main, pair_rank: int, block_axis: int, float_lanes: int):
-    """(pairs, lanes, block) of a blocked kernel from its weight buffer (the block's last
-    read): a weight of rank ``pair_rank`` is the int16 pair form, which accumulates
-    ``LANES`` int32 per vpmaddwd; ``block`` is the weight's extent at ``block_axis``."""
+_INTRINSICS = {
+    2: (PAIR_DOT_8x2, _dot_desc(8, 2, "int16"), _pair_dot_avx2),
+    4: (QUAD_DOT_16x4, _dot_desc(16, 4, "uint8"), _quad_dot_vnni),
+}
+
+
+def register(group: int = 2) -> str:
+    """Register the intrinsic for ``group`` (once per process); returns its name."""
+    name, desc, impl = _INTRINSICS[group]
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def weight_form(sch, main, grouped_rank: int, block_axis: int, float_lanes: int):
+    """(group, lanes, block) of a blocked kernel from its weight buffer (the block's last
+    read): a weight of rank ``grouped_rank`` is the grouped form, ``group`` input channels
+    per accumulator lane (2: int16 pairs, 4: uint8 quads), which accumulates ``LANES[group]``
+    int32 per instruction; group 1 is the plain form. ``block`` is the weight's extent at
+    ``block_axis``."""
     weight = sch.get(main).reads[-1].source
-    pairs = len(weight.shape) == pair_rank
-    return pairs, LANES if pairs else float_lanes, int(weight.shape[block_axis])
+    group = int(weight.shape[-1]) if len(weight.shape) == grouped_rank else 1
+    return group, LANES.get(group, float_lanes), int(weight.shape[block_axis])
 
 
-def finish_tile(sch, main, first_reduction, vector, tile, epilogue, pairs: bool) -> None:
-    """The steps a blocked kernel's register tile ends with: the channel vector (or, in the
-    pair form, vpmaddwd over it), the accumulator zeroed once per tile, and the epilogue
-    moved under the tile loop. The tensorized block is opaque to decompose_reduction and
-    reverse_compute_at, so the pair form tensorizes after both; vectorize must come before
-    decompose_reduction."""
-    if not pairs:
+def finish_tile(sch, main, first_reduction, vector, tile, epilogue, group: int) -> None:
+    """The steps a blocked kernel's register tile ends with: the channel vector (or, in a
+    grouped form, vpmaddwd / vpdpbusd over it), the accumulator zeroed once per tile, and
+    the epilogue moved under the tile loop. The tensorized block is opaque to
+    decompose_reduction and reverse_compute_at, so a grouped form tensorizes after both;
+    vectorize must come before decompose_reduction."""
+    if group == 1:
         sch.vectorize(vector)
     init = sch.decompose_reduction(main, first_reduction)
     sch.reverse_compute_at(epilogue, tile)
-    if pairs:
+    if group > 1:
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(vector, register())
-
+        sch.tensorize(vector, register(group))

@@ -9,7 +9,8 @@ import pytest
 import tvm
 from tvm import relax
 from tvmq.passes.conv_algorithm import ConvPolicy
-from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME, blocked_weight
+from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME, blocked_weight, grouped_weight
+from tvmq.schedules.cpu_common import weight_block
 from tvmq.schedules.cpu_conv import choose_tile
 
 import tvmq
@@ -34,10 +35,12 @@ def reference_conv(x, w, strides, padding, dilation, dtype):
     return out
 
 
-def _conv_module(shape, weight, strides, padding, dilation, out_dtype, groups=1):
+def _conv_module(shape, weight, strides, padding, dilation, out_dtype, groups=1,
+                 data_dtype=None):
     """x -> conv(x) + conv(x): the add is an epilogue the kernel must fuse."""
     builder = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, "int8" if out_dtype == "int32" else "float32"))
+    data_dtype = data_dtype or ("int8" if out_dtype == "int32" else "float32")
+    x = relax.Var("x", relax.TensorType(shape, data_dtype))
     with builder.function("main", [x]):
         with builder.dataflow():
             conv = builder.emit(relax.op.nn.conv2d(
@@ -48,9 +51,9 @@ def _conv_module(shape, weight, strides, padding, dilation, out_dtype, groups=1)
     return builder.get()
 
 
-def _build(mod, policy=ConvPolicy.DIRECT):
-    """(executable, kernel names) of ``mod`` through tvmq's x86 pipeline."""
-    preset = tvmq.targets.resolve("x86")
+def _build(mod, policy=ConvPolicy.DIRECT, target="x86"):
+    """(executable, kernel names) of ``mod`` through tvmq's pipeline for ``target``."""
+    preset = tvmq.targets.resolve(target)
     config = tvmq.CompileConfig(conv_algorithm=policy)
     with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
         lowered = tvm.transform.Sequential(tvmq.pipeline(preset, config))(mod)
@@ -60,9 +63,10 @@ def _build(mod, policy=ConvPolicy.DIRECT):
 
 
 def _compiled_conv(shape, weight, strides, padding, dilation, out_dtype, groups=1,
-                   policy=ConvPolicy.DIRECT):
+                   policy=ConvPolicy.DIRECT, target="x86"):
     executable, kernels = _build(
-        _conv_module(shape, weight, strides, padding, dilation, out_dtype, groups), policy)
+        _conv_module(shape, weight, strides, padding, dilation, out_dtype, groups), policy,
+        target)
     return relax.VirtualMachine(executable, tvm.cpu()), kernels
 
 
@@ -95,23 +99,41 @@ CASES = [
 ]
 
 
+# The vector widths the kernels are built for, where this CPU runs them.
+TARGETS = [
+    pytest.param(name, marks=pytest.mark.skipif(
+        not tvmq.targets.resolve(name).runs_here(), reason=f"this CPU cannot run {name}"))
+    for name in ("x86-avx2", "x86-avx512")
+]
+
+
+def _blocks(target: str, out_channels: int) -> bool:
+    """Whether the blocked kernel takes ``out_channels`` on ``target`` (its weight block or
+    half of it divides them: 16 or 8 on AVX2, 32 or 16 on AVX-512)."""
+    block = weight_block(tvmq.targets.resolve(target).tvm_target())
+    return out_channels % block == 0 or out_channels % (block // 2) == 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("shape, out_channels, k, strides, padding, dilation", CASES)
-def test_float_matches_numpy(shape, out_channels, k, strides, padding, dilation):
+def test_float_matches_numpy(shape, out_channels, k, strides, padding, dilation, target):
     w = RNG.normal(0, 0.3, (out_channels, shape[1], k, k)).astype(np.float32)
     x = RNG.normal(size=shape).astype(np.float32)
-    vm, kernels = _compiled_conv(shape, w, strides, padding, dilation, "float32")
-    assert any(KERNEL_NAME in name for name in kernels)
+    vm, kernels = _compiled_conv(shape, w, strides, padding, dilation, "float32",
+                                 target=target)
+    assert any(KERNEL_NAME in name for name in kernels) == _blocks(target, out_channels)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     want = 2 * reference_conv(x, w, strides, padding, dilation, np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("shape, out_channels, k, strides, padding, dilation", CASES[:3])
-def test_int8_is_exact(shape, out_channels, k, strides, padding, dilation):
+def test_int8_is_exact(shape, out_channels, k, strides, padding, dilation, target):
     w = RNG.integers(-128, 128, (out_channels, shape[1], k, k)).astype(np.int8)
     x = RNG.integers(-128, 128, shape).astype(np.int8)
-    vm, kernels = _compiled_conv(shape, w, strides, padding, dilation, "int32")
-    assert any(KERNEL_NAME in name for name in kernels)
+    vm, kernels = _compiled_conv(shape, w, strides, padding, dilation, "int32", target=target)
+    assert any(KERNEL_NAME in name for name in kernels) == _blocks(target, out_channels)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     want = 2 * reference_conv(x, w, strides, padding, dilation, np.int64)
     assert np.array_equal(got, want)
@@ -160,29 +182,73 @@ def test_depthwise_matches_numpy(shape, strides, dtype, kernel):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _assembly(shape, weight, out_dtype):
+def _assembly(shape, weight, out_dtype, target="x86", data_dtype=None):
     executable, _ = _build(
-        _conv_module(shape, weight, (1, 1), (1, 1, 1, 1), (1, 1), out_dtype))
+        _conv_module(shape, weight, (1, 1), (1, 1, 1, 1), (1, 1), out_dtype,
+                     data_dtype=data_dtype), target=target)
     return "".join(m.inspect_source("asm") for m in executable.mod.imports)
 
 
 def test_int8_conv_uses_vpmaddwd_on_avx2():
-    # Even input channels: the int16 pair form, tensorized with vpmaddwd.
+    # The int16 pair form, tensorized with vpmaddwd (compiled for AVX2 on any x86 host).
     w = RNG.integers(-128, 128, (16, 16, 3, 3)).astype(np.int8)
-    assert "vpmaddwd" in _assembly((1, 16, 8, 8), w, "int32")
+    asm = _assembly((1, 16, 8, 8), w, "int32", target="x86-avx2")
+    assert "vpmaddwd" in asm and "vpdpbusd" not in asm
 
 
-@pytest.mark.parametrize("shape, out_channels", [
-    ((1, 16, 8, 32), 12),    # two pixel vectors per row, 6 channels per tile
-    ((1, 8, 4, 24), 10),     # one vector per row, 10 channels per tile
+def test_uint8_conv_uses_vpdpbusd_with_vnni():
+    # uint8 activations (RealizeQuantization's form for VNNI targets): the quad form,
+    # tensorized with vpdpbusd on zmm registers; int8 activations keep vpmaddwd.
+    w = RNG.integers(-128, 128, (32, 16, 3, 3)).astype(np.int8)
+    asm = _assembly((1, 16, 8, 8), w, "int32", target="x86-vnni", data_dtype="uint8")
+    assert "vpdpbusd\t%zmm" in asm or "vpdpbusd %zmm" in asm.replace("\t", " ")
+    asm = _assembly((1, 16, 8, 8), w, "int32", target="x86-vnni", data_dtype="int8")
+    # (LLVM fuses vpmaddwd and its add into VNNI's vpdpwssd where it can.)
+    assert ("vpmaddwd" in asm or "vpdpwssd" in asm) and "vpdpbusd" not in asm
+
+
+def test_grouped_weight_layout():
+    w = RNG.integers(-128, 128, (32, 6, 3, 3)).astype(np.int8)
+    quads = grouped_weight(blocked_weight(w, 16), 4)
+    assert quads.shape == (2, 2, 3, 3, 16, 4)      # 6 channels padded to 8
+    assert quads[1, 1, 2, 0, 5, 1] == w[16 + 5, 4 + 1, 2, 0]
+    assert not quads[:, 1, :, :, :, 2:].any()      # channels 6 and 7 are zero
+
+
+_VNNI = tvmq.targets.resolve("x86-vnni")
+
+
+@pytest.mark.skipif(not _VNNI.runs_here(), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("shape, out_channels, k, strides, padding, dilation", [
+    CASES[0], CASES[2],
+    ((1, 3, 23, 23), 32, 7, (2, 2), (3, 3, 3, 3), (1, 1)),   # 3 channels: one padded quad
+    ((1, 8, 13, 13), 16, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
 ])
-def test_pointwise_gemm_matches_numpy(shape, out_channels):
+def test_uint8_vnni_is_exact(shape, out_channels, k, strides, padding, dilation):
+    w = RNG.integers(-128, 128, (out_channels, shape[1], k, k)).astype(np.int8)
+    x = RNG.integers(0, 256, shape).astype(np.uint8)
+    executable, kernels = _build(
+        _conv_module(shape, w, strides, padding, dilation, "int32", data_dtype="uint8"),
+        target="x86-vnni")
+    assert any(KERNEL_NAME in name for name in kernels)
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert np.array_equal(got, 2 * reference_conv(x, w, strides, padding, dilation, np.int64))
+
+
+@pytest.mark.parametrize("shape, out_channels, target", [
+    ((1, 16, 8, 32), 12, "x86-avx2"),    # two pixel vectors per row, 6 channels per tile
+    ((1, 8, 4, 24), 10, "x86-avx2"),     # one vector per row, 10 channels per tile
+    ((1, 16, 8, 32), 12, "x86-avx512"),  # two 16-pixel vectors per row
+])
+def test_pointwise_gemm_matches_numpy(shape, out_channels, target):
     from tvmq.passes.conv_to_gemm import POINTWISE_NAME
 
+    if not tvmq.targets.resolve(target).runs_here():
+        pytest.skip(f"this CPU cannot run {target}")
     w = RNG.normal(0, 0.3, (out_channels, shape[1], 1, 1)).astype(np.float32)
     x = RNG.normal(size=shape).astype(np.float32)
     vm, kernels = _compiled_conv(shape, w, (1, 1), (0, 0, 0, 0), (1, 1), "float32",
-                                 policy=ConvPolicy.GEMM)
+                                 policy=ConvPolicy.GEMM, target=target)
     assert any(POINTWISE_NAME in name for name in kernels)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     want = 2 * reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1), np.float64)

@@ -71,8 +71,8 @@ def test_idempotent():
     tvm.ir.assert_structural_equal(BlockMatmulWeights(16)(once), once)
 
 
-def _run(mod, x):
-    preset = tvmq.targets.resolve("x86")
+def _run(mod, x, target="x86"):
+    preset = tvmq.targets.resolve(target)
     with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
         lowered = tvm.transform.Sequential(tvmq.pipeline(preset))(mod)
     kernels = [gv.name_hint for gv, f in lowered.functions_items()
@@ -84,7 +84,7 @@ def _run(mod, x):
 
 
 @pytest.mark.parametrize("x_shape, columns", [
-    ((1, 64), 1000 - 1000 % 8),   # a classifier row, block 8
+    ((1, 64), 1000 - 1000 % 16),  # a classifier row, block 16 (AVX2) or 16 (AVX-512)
     ((2, 7, 48), 96),             # batched rows that no tile divides evenly
     ((128, 96), 48),
     ((197, 64), 32),              # no small divisor: a predicated 4-row tile
@@ -105,11 +105,35 @@ def test_int8_is_exact(x_dtype):
     assert np.array_equal(got, 2 * (x.astype(np.int64) @ w.astype(np.int64)))
 
 
+def _assembly(mod, target):
+    preset = tvmq.targets.resolve(target)
+    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(tvmq.pipeline(preset))(mod)
+    executable = tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None)
+    return "".join(m.inspect_source("asm") for m in executable.mod.imports)
+
+
 def test_int8_matmul_uses_vpmaddwd_on_avx2():
     w = RNG.integers(-128, 128, (64, 32)).astype(np.int8)
-    preset = tvmq.targets.resolve("x86")
-    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(tvmq.pipeline(preset))(
-            _module((16, 64), w, "int8", "int32"))
-    executable = tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None)
-    assert "vpmaddwd" in "".join(m.inspect_source("asm") for m in executable.mod.imports)
+    asm = _assembly(_module((16, 64), w, "int8", "int32"), "x86-avx2")
+    assert "vpmaddwd" in asm and "vpdpbusd" not in asm
+
+
+def test_uint8_matmul_uses_vpdpbusd_with_vnni():
+    w = RNG.integers(-128, 128, (64, 64)).astype(np.int8)
+    assert "vpdpbusd" in _assembly(_module((16, 64), w, "uint8", "int32"), "x86-vnni")
+    # A depth that does not split into quads takes pairs.
+    w = RNG.integers(-128, 128, (42, 64)).astype(np.int8)
+    asm = _assembly(_module((16, 42), w, "uint8", "int32"), "x86-vnni")
+    # (LLVM fuses vpmaddwd and its add into VNNI's vpdpwssd.)
+    assert ("vpmaddwd" in asm or "vpdpwssd" in asm) and "vpdpbusd" not in asm
+
+
+@pytest.mark.skipif(not tvmq.targets.resolve("x86-vnni").runs_here(),
+                    reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("x_shape, columns", [((6, 40), 32), ((197, 64), 64), ((2, 9, 44), 48)])
+def test_uint8_vnni_is_exact(x_shape, columns):
+    w = RNG.integers(-128, 128, (x_shape[-1], columns)).astype(np.int8)
+    x = RNG.integers(0, 256, x_shape).astype(np.uint8)
+    got = _run(_module(x_shape, w, "uint8", "int32"), x, "x86-vnni")
+    assert np.array_equal(got, 2 * (x.astype(np.int64) @ w.astype(np.int64)))

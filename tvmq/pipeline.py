@@ -24,6 +24,7 @@ from .config import CompileConfig, QuantizeMode
 from .conv_measure import measurer
 from .errors import ConfigError, PipelineError
 from .layer_latency import layer_timer
+from .passes._conv import IntDot
 from .passes.annotate import AnnotateQuantization
 from .passes.calibrate import Calibrate
 from .passes.conv_algorithm import ChooseConvAlgorithm, ConvPolicy
@@ -77,7 +78,7 @@ def pipeline(
         # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
         _conv_algorithm_pass(preset, config),
         # Matmuls with constant weights read them blocked by output column (CPUs).
-        BlockMatmulWeights(weight_block(tvm_target), int16_pairs(preset)),
+        BlockMatmulWeights(weight_block(tvm_target), int_dot(preset)),
         # exp, erf, tanh and softmax as TVM's vectorizable polynomial approximations (float32
         # error ~1e-7); libm's scalar erf made BERT's GELU epilogue cost as much as its
         # 768x3072 matmul. --disabled-pass FastMathTransform keeps the exact functions.
@@ -118,14 +119,20 @@ def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
             policy = ConvPolicy.PREDICT
     return ChooseConvAlgorithm(
         policy, overrides=config.conv_overrides, measure=measure,
-        weight_block=weight_block(preset.tvm_target()), int16_pairs=int16_pairs(preset),
+        weight_block=weight_block(preset.tvm_target()), int_dot=int_dot(preset),
     )
 
 
-def int16_pairs(preset) -> bool:
-    """Whether integer kernels take the int16 pair form (schedules/x86_int8.py): x86 with
-    AVX2, where vpmaddwd is the fastest int8 multiply-add without VNNI."""
-    return preset.arch == "x86_64" and "avx2" in preset.required_cpu_features()
+def int_dot(preset) -> IntDot:
+    """The integer multiply the target's kernels are laid out for (schedules/x86_int8.py):
+    vpdpbusd on uint8 quads with AVX-512 VNNI, vpmaddwd on int16 pairs with AVX2 (the
+    fastest int8 multiply-add without VNNI), int32 products elsewhere."""
+    if preset.arch != "x86_64":
+        return IntDot.WIDE
+    features = preset.required_cpu_features()
+    if "avx512_vnni" in features:
+        return IntDot.QUADS
+    return IntDot.PAIRS if "avx2" in features else IntDot.WIDE
 
 
 def _around_fuse_ops(passes: list[tvm.transform.Pass]) -> list[tvm.transform.Pass]:

@@ -71,8 +71,7 @@ class Model:
         """Time ``main``: ``repeat`` measurements, each the mean of ``number`` runs."""
         if repeat < 1 or number < 1:
             raise InputError(f"repeat ({repeat}) and number ({number}) must be at least 1")
-        arrays = self._to_device(dict(inputs) if inputs else random_inputs(self.inputs))
-        self.vm.set_input("main", *arrays)
+        self.set_inputs(dict(inputs) if inputs else random_inputs(self.inputs))
         timer = self.vm.time_evaluator(
             "invoke_stateful", self.device, number=number, repeat=repeat
         )
@@ -86,6 +85,10 @@ class Model:
             repeat=repeat,
             number=number,
         )
+
+    def set_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Bind ``inputs`` to ``main`` for ``vm.invoke_stateful("main")`` (repeated runs)."""
+        self.vm.set_input("main", *self._to_device(inputs))
 
     def _to_device(self, inputs: Mapping[str, np.ndarray]) -> list:
         import tvm
