@@ -77,6 +77,14 @@ def _run(mod, inputs):
     return vm["main"](*(tvm.runtime.tensor(x) for x in inputs)).numpy()
 
 
+def _assert_bindings_typed_as_values(func):
+    """Every binding's declared dtype is its value's (a stale int8 annotation on a uint8
+    quantize built the kernels that read it for int8 data)."""
+    for var, value in relax.analysis.get_var2val(func).items():
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.quantize":
+            assert str(var.ty.dtype) == str(value.attrs.out_dtype), var.name
+
+
 def _check(mod, inputs, expected):
     realized = RealizeQuantization()(mod)
     ops = {str(v.op.name) for v in relax.analysis.get_var2val(realized["main"]).values()
@@ -87,7 +95,9 @@ def _check(mod, inputs, expected):
     simulated = _run(mod, inputs)
     assert np.abs(simulated.astype(int) - got.astype(int)).max() <= 1
     # uint8 activations (zero point + 128): the same integers, shifted.
-    unsigned = _run(RealizeQuantization(unsigned_activations=True)(mod), inputs)
+    shifted = RealizeQuantization(unsigned_activations=True)(mod)
+    _assert_bindings_typed_as_values(shifted["main"])
+    unsigned = _run(shifted, inputs)
     assert unsigned.dtype == np.uint8
     np.testing.assert_array_equal(unsigned.astype(int) - 128, expected)
 
