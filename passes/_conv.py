@@ -33,6 +33,12 @@ class IntDot(StrEnum):
         """The form a kernel with ``dtype`` activations takes under this target form."""
         return IntDot.PAIRS if self is IntDot.QUADS and dtype != "uint8" else self
 
+    def dividing(self, depth: int) -> IntDot:
+        """The widest form, at most this one, whose groups split ``depth`` channels (for
+        kernels that read their activations in place and so cannot pad them)."""
+        return next(f for f in (IntDot.QUADS, IntDot.PAIRS, IntDot.WIDE)
+                    if f.group <= self.group and depth % f.group == 0)
+
     @property
     def group(self) -> int:
         """Input channels multiplied into each 32-bit accumulator lane per instruction."""

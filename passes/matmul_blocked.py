@@ -147,7 +147,8 @@ def _rewrite(
     if size is None:
         return None
     blocked = blocked_weight(value, size)
-    group = _group(int_dot, str(data_ty.dtype), value.shape[0]) if out_dtype == "int32" else 1
+    form = int_dot.for_data(str(data_ty.dtype)) if out_dtype == "int32" else IntDot.WIDE
+    group = form.dividing(value.shape[0]).group
     if group > 1:
         # [N/B, K, B] -> [N/B, K/g, B, g]: rows k .. k + g - 1 side by side per column.
         blocks, depth, _ = blocked.shape
@@ -156,12 +157,3 @@ def _rewrite(
     return builder.call_te(matmul_blocked, data, relax.const(blocked), out_dtype,
                            primfunc_name_hint=KERNEL_NAME)
 
-
-def _group(int_dot: IntDot, dtype: str, depth: int) -> int:
-    """Rows of the weight per accumulator lane: the target's form where the depth splits
-    into its groups (the activations are read in place, not padded), else a smaller one."""
-    form = int_dot.for_data(dtype)
-    for candidate in (form, IntDot.PAIRS if form is not IntDot.WIDE else form):
-        if depth % candidate.group == 0:
-            return candidate.group
-    return 1

@@ -201,7 +201,7 @@ def test_uint8_conv_uses_vpdpbusd_with_vnni():
     # tensorized with vpdpbusd on zmm registers; int8 activations keep vpmaddwd.
     w = RNG.integers(-128, 128, (32, 16, 3, 3)).astype(np.int8)
     asm = _assembly((1, 16, 8, 8), w, "int32", target="x86-vnni", data_dtype="uint8")
-    assert "vpdpbusd\t%zmm" in asm or "vpdpbusd %zmm" in asm.replace("\t", " ")
+    assert "vpdpbusd %zmm" in asm.replace("\t", " ")
     asm = _assembly((1, 16, 8, 8), w, "int32", target="x86-vnni", data_dtype="int8")
     # (LLVM fuses vpmaddwd and its add into VNNI's vpdpwssd where it can.)
     assert ("vpmaddwd" in asm or "vpdpwssd" in asm) and "vpdpbusd" not in asm

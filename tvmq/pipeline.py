@@ -74,7 +74,8 @@ def pipeline(
         *_quantization_passes(config, preset),
         # QDQ (ours, or a pre-quantized ONNX model's) becomes integer-only compute before
         # LegalizeOps lowers it; a module without QDQ passes through unchanged.
-        RealizeQuantization(unsigned_activations=_vnni(preset)),
+        # (uint8 activations, zero point + 128, where the kernels multiply u8 x s8: VNNI.)
+        RealizeQuantization(unsigned_activations=int_dot(preset) is IntDot.QUADS),
         # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
         _conv_algorithm_pass(preset, config),
         # Matmuls with constant weights read them blocked by output column (CPUs).
@@ -99,12 +100,6 @@ def pipeline(
 def pass_name(p: tvm.transform.Pass) -> str:
     """The name a pass is listed and disabled by."""
     return str(p.info.name)
-
-
-def _vnni(preset) -> bool:
-    # x86 VNNI multiplies u8 x s8: activations are realized shifted by 128 (uint8), the
-    # compensation folded into the int32 bias constant at compile time.
-    return bool({"avx512_vnni", "avx_vnni"} & set(preset.required_cpu_features()))
 
 
 def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
