@@ -47,9 +47,12 @@ class BlockedConv(CPUScheduleRule):
         hi, wi, vo = choose_tile(oh, ow, block // lanes, num_vector_registers(target))
 
         prologue, epilogue = accumulate_locally(sch, blocks, index)
-        if group > 1:
-            # Accumulators channel-innermost: each vpmaddwd / vpdpbusd updates adjacent int32.
-            sch.transform_layout(main, ("write", 0), lambda n, c, y, x: (n, y, x, c))
+        # Accumulators channel-innermost, so each FMA / vpmaddwd / vpdpbusd updates one
+        # contiguous vector. In NCHW order a channel vector strides by the tile's pixels; on
+        # AVX-512 LLVM writes it with masked scatters and cannot keep the tile in registers
+        # (256->256 3x3 at 14x14, 2 threads: 12 GFLOP/s as a 2x2x2 tile, 388 channel-last;
+        # AVX2: 1.16 ms against 2.09).
+        sch.transform_layout(main, ("write", 0), lambda n, c, y, x: (n, y, x, c))
         n, oc, y, x, *reduction = sch.get_loops(main)
         lane = reduction.pop() if group > 1 else None
         oc_outer, oc_inner = sch.split(oc, factors=[None, vo * lanes])
@@ -156,15 +159,18 @@ def choose_tile(oh: int, ow: int, vectors: int, registers: int) -> tuple[int, in
 
     At most ``registers - 4`` accumulators: the weight vectors, a broadcast register and a
     spare stay free (on AVX2, 14 accumulators spilled and ran at 47 GFLOP/s where 7 ran at
-    70). Ties go to more vectors per pixel, then to square tiles, which reread the fewest
-    input values for k x k windows. Measured on ResNet-50's 3x3 layers (AVX2, 2 threads):
-    2x2 pixels x 2 vectors ran at ~140 GFLOP/s against ~100 for 1x4 x 2 and 1x7 x 1.
+    70); and at most 16 with 32 registers (AVX-512, 2 threads, 3x3 layers: 2x7x2 tiles ran
+    256->256 at 14x14 at 153 GFLOP/s, 1x7x2 at 445; 2x4x2 ran 64->64 at 56x56 at 419 and
+    512->512 at 7x7 at 337, against 354 and 237 as 2x2x2). Ties go to more vectors per pixel,
+    then to square tiles, which reread the fewest input values for k x k windows. Measured
+    on ResNet-50's 3x3 layers (AVX2, 2 threads): 2x2 pixels x 2
+    vectors ran at ~140 GFLOP/s against ~100 for 1x4 x 2 and 1x7 x 1.
     """
     best, best_key = (1, 1, 1), None
     for vo in range(1, vectors + 1):
         if vectors % vo:
             continue
-        rows = (registers - 4) // vo
+        rows = min(registers - 4, 16) // vo
         for hi in _divisors(oh):
             for wi in _divisors(ow):
                 if hi * wi > rows:

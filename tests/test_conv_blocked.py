@@ -81,7 +81,8 @@ def test_blocked_weight_layout():
     (56, 56, 2, 16, (2, 2, 2)),   # AVX2: 8 accumulators, square tile
     (14, 14, 2, 16, (2, 2, 2)),
     (7, 7, 2, 16, (1, 7, 1)),     # 7 wide: one vector x 7 pixels beats 2 x 1
-    (56, 56, 2, 32, (2, 7, 2)),   # AVX-512: 28 accumulators
+    (56, 56, 2, 32, (2, 4, 2)),   # AVX-512: at most 16 accumulators
+    (14, 14, 2, 32, (1, 7, 2)),
     (13, 13, 2, 16, (1, 1, 2)),   # prime size: no pixel tile fits; still correct
 ])
 def test_choose_tile(oh, ow, vectors, registers, expected):

@@ -55,8 +55,14 @@ def test_every_kernel_listed_and_mapped_to_onnx_nodes(digits_artifact, digits_pr
 
 
 def test_kernels_sum_close_to_end_to_end(digits_profile):
+    # Above the end-to-end time: the instrument inflated the kernels. Far below it: calls
+    # went untimed (the digits model's VM work outside kernels is a few microseconds).
     assert digits_profile.kernels_ms > 0
-    assert abs(digits_profile.difference) <= 0.15, digits_profile.to_table()
+    assert -0.5 <= digits_profile.difference <= 0.15, digits_profile.to_table()
+    (runtime,) = [r for r in digits_profile.rows if r.algorithm == "runtime"]
+    kernels = sum(r.time_ms for r in digits_profile.rows if r.algorithm != "runtime")
+    assert runtime.time_ms == pytest.approx(
+        max(0.0, digits_profile.end_to_end_ms - kernels), abs=1e-9)
 
 
 def test_json_and_csv_parse(digits_profile, digits_artifact, tmp_path):
