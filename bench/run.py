@@ -6,7 +6,8 @@ Accuracy is reported where the model has real data (the bundled digits). Mixed I
 builds run at each ``--budgets`` size budget. Writes ``bench/NAME.md`` and
 ``bench/NAME.json`` (``--name``, default ``results``) and prints the table.
 
-    python -m bench.run [--models digits,resnet50,...] [--budgets 0.6,0.8] [--repeat N]
+    python -m bench.run [--models digits,resnet50,...] [--builds tvmq-fp32,tvmq-int8]
+                        [--budgets 0.6,0.8] [--repeat N]
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, str | None]
     ]
 
 
-def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str]) -> list[Cell]:
+def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str],
+                builds: set[str] | None = None) -> list[Cell]:
     session = _ort_session(path)
     feed = {i.name: np.random.default_rng(0).random(
         [d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)
@@ -146,6 +148,8 @@ def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str]
         cell = Cell("ort-int8", note=f"failed: {type(err).__name__}")
     cells.append(cell)
     for label, mode, budget in tvmq_builds(budgets):
+        if builds is not None and label not in builds:
+            continue
         if mode not in BUILT_QUANTIZE_MODES:
             cells.append(Cell(label, note="not built yet"))
             continue
@@ -208,16 +212,26 @@ def main(argv=None) -> int:
                         help="size budgets of the mixed builds, comma-separated (e.g. 0.6,0.8)")
     parser.add_argument("--name", default="results",
                         help="file name (without extension) of the tables written to --out")
+    parser.add_argument("--builds", default=None,
+                        help="tvmq builds to run, comma-separated (e.g. tvmq-fp32,tvmq-int8; "
+                        "default: all); ONNX Runtime FP32 and INT8 always run")
     args = parser.parse_args(argv)
     builders = _models()
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    labels = [label for label, _, _ in tvmq_builds(budgets)]
+    builds = None
+    if args.builds:
+        builds = {b.strip() for b in args.builds.split(",") if b.strip()}
+        if builds - set(labels):
+            parser.error(f"unknown build {sorted(builds - set(labels))[0]!r}; choose from "
+                         f"{', '.join(labels)}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="tvmq-bench-") as work:
         for name in args.models.split(","):
             if name not in builders:
                 parser.error(f"unknown model {name!r}; choose from {', '.join(builders)}")
             results[name] = bench_model(name, builders[name](work), work, args.repeat,
-                                        budgets)
+                                        budgets, builds)
     table = markdown(results, budgets)
     print(table)
     os.makedirs(args.out, exist_ok=True)

@@ -1,10 +1,10 @@
 """Where the time goes: per-kernel latency, work and efficiency of an artifact.
 
-The Relax VM lost its profiler; tvmq times every call of the VM's program where it runs,
-through the VM's instrument hook, over repeated runs (the hook's own cost, measured on a
-call that does nothing, is taken off). The mean end-to-end time is measured without the
-hook; what it spends outside the kernels is the VM's own row, and the report says how far
-the kernels' sum is from the end-to-end time (above it: the hook inflated the kernels).
+The Relax VM lost its profiler; tvmq records every kernel call of a run (and its arguments)
+through the VM's instrument hook, then times each call on those arguments with TVM's time
+evaluator. The mean end-to-end time is measured without the hook; what it spends outside
+the kernels is the VM's own row, and the report says how far the kernels' sum is from the
+end-to-end time.
 
 Peak throughput of this host, the denominator of "% of peak":
 
@@ -17,7 +17,6 @@ Peak throughput of this host, the denominator of "% of peak":
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import json
 import os
@@ -65,8 +64,8 @@ class Profile:
 
     @property
     def difference(self) -> float:
-        """(sum of kernels - end to end) / end to end: at most 0 when the kernels' times are
-        true (the VM's own work is the rest); above 0, the instrument inflated them."""
+        """(sum of kernels - end to end) / end to end: below 0 by the VM's own work; above
+        0, the kernels ran slower alone than in the model."""
         return (self.kernels_ms - self.end_to_end_ms) / self.end_to_end_ms
 
     def to_json(self) -> dict:
@@ -168,57 +167,65 @@ RUNTIME_ROW = "(VM runtime: end to end less kernels)"
 
 
 def _time_calls(model: Model, feed, repeat: int):
-    """Time every kernel call of a run where it runs, in the model's own sequence (so each
-    kernel meets the caches its predecessors left), over ``repeat`` instrumented runs.
+    """Time every kernel call of a run on the arguments it gets in that run.
 
-    Each call is timed between the instrument's before and after callbacks, less the
-    instrument's own cost, measured on ``vm.builtin.null_value``, which does nothing.
-    Returns the mean time of each kernel call by kernel (means, not medians, so that the
-    parts add up to the mean end-to-end time: medians of right-skewed call times summed
-    16-30% short of it once kernels took microseconds; the slowest and fastest tenth are
-    left out, as a descheduled Python hook added 40% in one gap), and the number of the
-    VM's builtin calls per run.
+    One run through the VM's instrument hook records each call's kernel and arguments; each
+    call is then timed on those arguments by TVM's time evaluator, ``repeat`` measurements of
+    at least a millisecond each, in C++ (as TVM's debug executor did). Timing the calls in
+    place between the hook's Python callbacks measured the hook: its argument conversion
+    falls inside the timed interval and grows with the arguments and the process (in the
+    full test suite every digits kernel read 1.7-2x its time). A kernel timed alone meets
+    caches it warmed itself, so a layer whose weights do not fit in cache reads faster than
+    it runs in sequence; the end-to-end time, measured without the hook, is the check.
+    Returns the trimmed mean (the fastest and slowest tenth left out) of each kernel call
+    by kernel, and the number of the VM's builtin calls per run.
     """
-    runs: list[list[tuple[str, float]]] = []
-    state: dict = {}
+    calls: list[tuple[str, object, list]] = []
+    builtins = 0
 
-    def instrument(_func, symbol, before_run, _ret, *_args):
-        now = time.perf_counter()
+    def instrument(func, symbol, before_run, _ret, *args):
+        nonlocal builtins
         if before_run:
-            state["start"] = now
-        else:
-            runs[-1].append((str(symbol), now - state["start"]))
+            if str(symbol).startswith("vm."):
+                builtins += 1
+            else:
+                calls.append((str(symbol), func, list(args)))
         return 0
 
-    # The runs are the benchmark's own (inputs set once, ``invoke_stateful``), so that both
-    # see the same caches, and the collector is off: a collection inside a timed call
-    # lands on one kernel.
     model.set_inputs(feed)
     model.vm.invoke_stateful("main")  # warm up: first-run allocation is not what a kernel costs
     model.vm.set_instrument(instrument)
-    collecting = gc.isenabled()
-    gc.disable()
     try:
-        for _ in range(max(3, repeat)):
-            runs.append([])
-            model.vm.invoke_stateful("main")
+        model.vm.invoke_stateful("main")
     finally:
         # None removes the hook: a do-nothing Python hook left in place cost 1.7 us per
         # call and tripled the digits model's end-to-end time measured after it.
         model.vm.set_instrument(None)
-        if collecting:
-            gc.enable()
-    # The hook's cost by the same statistic as the calls it is taken from (a median of a
-    # right-skewed cost subtracted from trimmed means left part of it in every row).
-    nulls = [t for run in runs for symbol, t in run if symbol == "vm.builtin.null_value"]
-    overhead = _trimmed_mean(nulls) if nulls else 0.0
     per_kernel: dict[str, list[float]] = {}
-    for position, (symbol, _) in enumerate(runs[0]):
-        if not symbol.startswith("vm."):
-            elapsed = _trimmed_mean([run[position][1] for run in runs])
-            per_kernel.setdefault(symbol, []).append(max(0.0, elapsed - overhead) * 1e3)
-    builtins = sum(1 for symbol, _ in runs[0] if symbol.startswith("vm."))
+    for symbol, func, args in calls:
+        times = _time_call(model, symbol, func, args, max(3, repeat))
+        per_kernel.setdefault(symbol, []).append(_trimmed_mean(times) * 1e3)
     return per_kernel, builtins
+
+
+def _time_call(model: Model, symbol: str, func, args: list, repeat: int) -> list[float]:
+    """Seconds per call of ``symbol`` on ``args``: by TVM's time evaluator where the
+    artifact's library exports the kernel, else by a timed loop of calls from Python."""
+    library = next((lib for lib in (*model.library.imports, model.library)
+                    if lib.implements_function(symbol, True)), None)
+    if library is not None:
+        timer = library.time_evaluator(symbol, model.device, number=1, repeat=repeat,
+                                       min_repeat_ms=1)
+        return list(timer(*args).results)
+    func(*args)
+    number = 10
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            func(*args)
+        times.append((time.perf_counter() - start) / number)
+    return times
 
 
 def _trimmed_mean(values: list[float], cut: float = 0.1) -> float:
