@@ -61,10 +61,11 @@ def factor_groups(
     return np.moveaxis(q, 0, axis).astype("int8"), mult.astype("uint8")
 
 
-def _unpacked(packed: te.Tensor, shape, mult: te.Tensor | None = None, channel_axis: int = 0,
+def unpacked(packed: te.Tensor, shape, mult: te.Tensor | None = None, origin=None,
               group_size: int = 0) -> te.Tensor:
     """The TE view of the packed weight as int8 values of ``shape`` (sign-extended), times
-    the group multiplier ``mult[channel, input_index // group_size]`` when given."""
+    the group multiplier ``mult[channel, inner // group_size]`` when given, where
+    ``origin(index)`` is the (output channel, input index) an element of ``shape`` holds."""
 
     def value(*index):
         flat = index[0]
@@ -75,19 +76,42 @@ def _unpacked(packed: te.Tensor, shape, mult: te.Tensor | None = None, channel_a
         q = (nibble ^ 8) - 8
         if mult is None:
             return q.astype("int8")
-        if channel_axis == 0:  # OIHW: the input index runs over I, H, W
-            channel, inner = index[0], flat - index[0] * int(np.prod(shape[1:]))
-        else:  # [K, N]
-            channel, inner = index[1], index[0]
-        return (q * mult[channel, inner // group_size].astype("int32")).astype("int8")
+        channel, inner = origin(index)
+        # Channels padded to whole groups hold zeros; their group index only stays in range.
+        group = te.min(inner // group_size, int(mult.shape[1]) - 1)
+        return (q * mult[channel, group].astype("int32")).astype("int8")
 
     return te.compute([int(d) for d in shape], value, name="unpack_int4")
+
+
+def _oihw_origin(shape):
+    _, _, kh, kw = (int(d) for d in shape)
+    return lambda i: (i[0], (i[1] * kh + i[2]) * kw + i[3])
+
+
+def blocked_conv_origin(shape):
+    """(channel, input index) of an element of a blocked conv weight: [O/B, I, KH, KW, B] or
+    grouped [O/B, I/g, KH, KW, B, g] (passes/conv_blocked.py)."""
+    _, _, kh, kw, block, *group = (int(d) for d in shape)
+
+    def origin(i):
+        ic = i[1] * group[0] + i[5] if group else i[1]
+        return i[0] * block + i[4], (ic * kh + i[2]) * kw + i[3]
+
+    return origin
+
+
+def blocked_matmul_origin(shape):
+    """(column, row) of an element of a blocked matmul weight: [N/B, K, B] or grouped
+    [N/B, K/g, B, g] (passes/matmul_blocked.py)."""
+    _, _, block, *group = (int(d) for d in shape)
+    return lambda i: (i[0] * block + i[2], i[1] * group[0] + i[3] if group else i[1])
 
 
 def conv2d_int4(x: te.Tensor, packed: te.Tensor, *, weight_shape, strides, padding, dilation,
                 groups: int, mult: te.Tensor | None = None, group_size: int = 0) -> te.Tensor:
     """int8/uint8 NCHW activations x packed int4 OIHW weights -> int32."""
-    weight = _unpacked(packed, weight_shape, mult, 0, group_size)
+    weight = unpacked(packed, weight_shape, mult, _oihw_origin(weight_shape), group_size)
     return topi.nn.conv(x, weight, strides, padding, dilation, groups, "NCHW", "OIHW",
                         out_dtype="int32")
 
@@ -95,7 +119,7 @@ def conv2d_int4(x: te.Tensor, packed: te.Tensor, *, weight_shape, strides, paddi
 def matmul_int4(x: te.Tensor, packed: te.Tensor, *, weight_shape, mult: te.Tensor | None = None,
                 group_size: int = 0) -> te.Tensor:
     """int8/uint8 ``[..., K]`` x packed int4 ``[K, N]`` -> int32 ``[..., N]``."""
-    weight = _unpacked(packed, weight_shape, mult, 1, group_size)
+    weight = unpacked(packed, weight_shape, mult, lambda i: (i[1], i[0]), group_size)
     k = te.reduce_axis((0, int(weight_shape[0])), name="k")
     shape = [*x.shape[:-1], int(weight_shape[1])]
 

@@ -38,6 +38,14 @@ def blocked_weight(weight: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(depth, columns // block, block).transpose(1, 0, 2))
 
 
+def grouped_weight(blocked: np.ndarray, group: int) -> np.ndarray:
+    """[N/B, K, B] -> [N/B, K/g, B, g]: rows k .. k + g - 1 side by side per column (K a
+    multiple of ``group``)."""
+    blocks, depth, size = blocked.shape
+    return np.ascontiguousarray(
+        blocked.reshape(blocks, depth // group, group, size).transpose(0, 1, 3, 2))
+
+
 def matmul_blocked(data, weight, out_dtype: str):
     """out[..., m, n] = sum_k data[..., m, k] * weight[n // B, k, n % B].
 
@@ -150,10 +158,7 @@ def _rewrite(
     form = int_dot.for_data(str(data_ty.dtype)) if out_dtype == "int32" else IntDot.WIDE
     group = form.dividing(value.shape[0]).group
     if group > 1:
-        # [N/B, K, B] -> [N/B, K/g, B, g]: rows k .. k + g - 1 side by side per column.
-        blocks, depth, _ = blocked.shape
-        blocked = np.ascontiguousarray(
-            blocked.reshape(blocks, depth // group, group, size).transpose(0, 1, 3, 2))
+        blocked = grouped_weight(blocked, group)
     return builder.call_te(matmul_blocked, data, relax.const(blocked), out_dtype,
                            primfunc_name_hint=KERNEL_NAME)
 

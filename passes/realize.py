@@ -34,7 +34,18 @@ from tvm import relax, te, topi
 from tvm.ir.expr import Constant
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._int4 import conv2d_int4, factor_groups, fits_int4, matmul_int4, pack_int4
+from . import conv_blocked, matmul_blocked
+from ._conv import Conv2D, IntDot
+from ._int4 import (
+    blocked_conv_origin,
+    blocked_matmul_origin,
+    conv2d_int4,
+    factor_groups,
+    fits_int4,
+    matmul_int4,
+    pack_int4,
+    unpacked,
+)
 from ._qdq import (
     QMAX,
     QMIN,
@@ -109,14 +120,24 @@ class RealizeQuantization:
     ----------
     unsigned_activations : bool
         Keep activations in uint8 (zero point + 128) for u8 x s8 dot products (x86 VNNI).
+    weight_block : int, optional
+        The CPU blocked kernels' output-channel block (``schedules.cpu_common.weight_block``):
+        INT4 layers are then built as those kernels (the int4 weights packed in their
+        blocked order and unpacked inside them) instead of a generic integer conv/matmul.
+    int_dot : IntDot
+        The target's integer multiply, the form of those blocked kernels.
     """
 
-    def __init__(self, *, unsigned_activations: bool = False) -> None:
+    def __init__(self, *, unsigned_activations: bool = False, weight_block: int | None = None,
+                 int_dot: IntDot = IntDot.WIDE) -> None:
         self.unsigned_activations = unsigned_activations
+        self.weight_block = weight_block
+        self.int_dot = int_dot
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         mod = mod.clone()
-        kernels = _Kernels({gv.name_hint for gv in mod.get_global_vars()})
+        kernels = _Kernels({gv.name_hint for gv in mod.get_global_vars()},
+                           self.weight_block, self.int_dot)
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
@@ -131,8 +152,11 @@ class RealizeQuantization:
 class _Kernels:
     """The int4 kernels (unpack fused into conv / matmul) realize adds to the module."""
 
-    def __init__(self, taken: set[str]) -> None:
+    def __init__(self, taken: set[str], weight_block: int | None = None,
+                 int_dot: IntDot = IntDot.WIDE) -> None:
         self.taken = taken
+        self.weight_block = weight_block
+        self.int_dot = int_dot
         self.builder = relax.BlockBuilder()  # gives each GlobalVar its function type
         self.group_size = 0  # group-wise INT4 weights: annotate's group size, from the report
         self.added: list[tuple[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]] = []
@@ -328,28 +352,42 @@ def _weights(m, p: _Patterns, *, channel_axis: int):
 def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
                  w_int: np.ndarray, kernels: _Kernels, grouped=None) -> relax.Expr:
     """``call_tir`` of one TE kernel: unpack the int4 weights (times their group multipliers
-    when group-wise), then the integer conv/matmul."""
+    when group-wise), then the integer conv/matmul: the blocked kernel of the CPU's default
+    schedules (weights packed in its order: the same speed as INT8 but for the unpack) where
+    it applies, else a generic integer conv/matmul."""
     x_shape = [int(d) for d in x.ty.shape]
     x_te = te.placeholder(x_shape, x_dtype, name="x")
     q, mult = grouped if grouped is not None else (w_int, None)
-    packed = pack_int4(q)
-    w_te = te.placeholder([packed.size], "uint8", name="w_packed")
     m_te = te.placeholder(list(mult.shape), "uint8", name="w_mult") if mult is not None else None
     extra = {"mult": m_te, "group_size": kernels.group_size} if mult is not None else {}
-    if anchor.op.name == "relax.nn.conv2d":
+    is_conv = anchor.op.name == "relax.nn.conv2d"
+    layout = (_blocked_conv_int4(anchor, x, x_dtype, q, kernels) if is_conv
+              else _blocked_matmul_int4(x_dtype, q, kernels))
+    packed = pack_int4(q if layout is None else layout[0])
+    w_te = te.placeholder([packed.size], "uint8", name="w_packed")
+    if is_conv:
         attrs = anchor.attrs
         top, left, bottom, right = (int(v) for v in attrs.padding)
         # Padding holds the zero point (the real 0), as in _int_conv.
         padded = topi.nn.pad(x_te, [0, 0, top, left], [0, 0, bottom, right], pad_value=zero) \
             if any((top, left, bottom, right)) else x_te
-        out = conv2d_int4(
-            padded, w_te, weight_shape=w_int.shape, strides=[int(s) for s in attrs.strides],
-            padding=[0, 0, 0, 0], dilation=[int(d) for d in attrs.dilation],
-            groups=int(attrs.groups), **extra,
-        )
+        strides = [int(s) for s in attrs.strides]
+        dilation = [int(d) for d in attrs.dilation]
+        if layout is None:
+            out = conv2d_int4(padded, w_te, weight_shape=w_int.shape, strides=strides,
+                              padding=[0, 0, 0, 0], dilation=dilation,
+                              groups=int(attrs.groups), **extra)
+        else:
+            weight = unpacked(w_te, layout[0].shape, m_te, layout[1], kernels.group_size)
+            out = conv_blocked.conv2d_blocked(padded, weight, strides, (0, 0, 0, 0), dilation,
+                                              "int32")
         name = "conv2d_int4"
     else:
-        out = matmul_int4(x_te, w_te, weight_shape=w_int.shape, **extra)
+        if layout is None:
+            out = matmul_int4(x_te, w_te, weight_shape=w_int.shape, **extra)
+        else:
+            weight = unpacked(w_te, layout[0].shape, m_te, layout[1], kernels.group_size)
+            out = matmul_blocked.matmul_blocked(x_te, weight, "int32")
         name = "matmul_int4"
     te_args = [x_te, w_te, *([m_te] if m_te is not None else []), out]
     gv = kernels.add(name, te.create_prim_func(te_args, index_dtype_override="int64"))
@@ -358,6 +396,40 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
     if mult is not None:
         args.append(relax.const(mult, "uint8"))
     return relax.call_tir(gv, args, out_ty)
+
+
+def _blocked_conv_int4(anchor: relax.Call, x: relax.Expr, x_dtype: str, q: np.ndarray,
+                       kernels: _Kernels):
+    """(int4 weight in the blocked conv's layout, its origin map), or None where the
+    blocked kernel does not apply (no CPU block, grouped or depthwise layers)."""
+    attrs = anchor.attrs
+    conv = Conv2D(
+        data=x, weight=q, strides=tuple(int(s) for s in attrs.strides),
+        padding=tuple(int(p) for p in attrs.padding),
+        dilation=tuple(int(d) for d in attrs.dilation), groups=int(attrs.groups),
+        out_dtype="int32", data_shape=tuple(int(d) for d in x.ty.shape),
+    )
+    if not conv_blocked.eligible(conv, kernels.weight_block):
+        return None
+    weight = conv_blocked.blocked_weight(q, conv_blocked.weight_block(conv, kernels.weight_block))
+    form = kernels.int_dot.for_data(x_dtype)
+    if form is not IntDot.WIDE:
+        weight = conv_blocked.grouped_weight(weight, form.group)
+    return weight, blocked_conv_origin(weight.shape)
+
+
+def _blocked_matmul_int4(x_dtype: str, q: np.ndarray, kernels: _Kernels):
+    """(int4 [K, N] weight in the blocked matmul's layout, its origin map), or None."""
+    if kernels.weight_block is None or q.ndim != 2:
+        return None
+    size = matmul_blocked.column_block(q.shape[1], kernels.weight_block)
+    if size is None:
+        return None
+    weight = matmul_blocked.blocked_weight(q, size)
+    group = kernels.int_dot.for_data(x_dtype).dividing(q.shape[0]).group
+    if group > 1:
+        weight = matmul_blocked.grouped_weight(weight, group)
+    return weight, blocked_matmul_origin(weight.shape)
 
 
 def _int_conv(conv: relax.Call, x: relax.Expr, zero: int, weight: relax.Expr) -> relax.Expr:

@@ -11,7 +11,10 @@ from tvmq.passes import RealizeQuantization
 from tvmq.passes._int4 import factor_groups, pack_int4, unpack_int4
 from tvmq.passes._observe import host_target
 from tvmq.passes._qdq import REPORT_ATTR, quantize_weight, quantize_weight_grouped, with_json_attr
+from tvmq.passes.conv_blocked import KERNEL_NAME
+from tvmq.passes.matmul_blocked import KERNEL_NAME as MATMUL_KERNEL
 
+import tvmq
 from tvmq.errors import ConfigError
 from tvmq.qconfig import QConfig
 
@@ -176,3 +179,79 @@ def test_groupwise_int4_matmul_bit_exact():
 def test_groupwise_needs_a_valid_group_size():
     with pytest.raises(ConfigError, match="weight_group_size=1 is not valid"):
         QConfig(weight_bits=4, weight_group_size=1)
+
+
+# Targets whose blocked kernels take INT4 layers: int16 pairs (AVX2, AVX-512 without VNNI)
+# and uint8 quads (VNNI), where this CPU runs them.
+BLOCKED_TARGETS = [
+    pytest.param(name, marks=pytest.mark.skipif(
+        not tvmq.targets.resolve(name).runs_here(), reason=f"this CPU cannot run {name}"))
+    for name in ("x86-avx2", "x86-avx512", "x86-vnni")
+]
+
+
+def _through_tvmq(mod, target, inputs):
+    """(output, lowered module) of ``mod`` built by tvmq's pipeline for ``target``; VNNI
+    targets keep activations unsigned, so their int8 output comes back shifted by 128.
+    FoldConstant is left out: in a compile the weight dequantizes appear after it (annotate),
+    and folded group-wise weights no longer factor back into int4 x multiplier."""
+    preset = tvmq.targets.resolve(target)
+    config = tvmq.CompileConfig(disabled_passes=("FoldConstant",))
+    with preset.tvm_target(), tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(tvmq.pipeline(preset, config))(mod)
+    vm = relax.VirtualMachine(tvm.compile(lowered, preset.tvm_target(), relax_pipeline=None),
+                              tvm.cpu())
+    out = vm["main"](*(tvm.runtime.tensor(x) for x in inputs)).numpy()
+    if out.dtype == np.uint8:
+        out = out.astype(np.int64) - 128
+    return out, lowered
+
+
+def _int4_kernels(lowered) -> list[str]:
+    return [f.script() for gv, f in lowered.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and "int4" in gv.name_hint]
+
+
+@pytest.mark.parametrize("target", BLOCKED_TARGETS)
+@pytest.mark.parametrize("group", [0, 4])
+def test_int4_conv_as_blocked_kernel_bit_exact(target, group):
+    # 5 input channels: the pair and quad forms pad them to whole groups.
+    w = RNG.normal(0, 0.3, (16, 5, 3, 3)).astype(np.float32)
+    if group:
+        w_int, ws = quantize_weight_grouped(w, axis=0, bits=4, group_size=group)
+    else:
+        w_int, ws = quantize_weight(w, axis=0, bits=4)
+    mod = _grouped_module(
+        lambda x: relax.op.nn.relu(relax.op.nn.conv2d(x, _dq(w_int, ws, 0),
+                                                      padding=[1, 1, 1, 1])),
+        (1, 5, 7, 7), group)
+    xq, x = _random_input((1, 5, 7, 7))
+    acc = _conv_int(xq, w_int, 1, ZX)
+    expected = _requant(acc, SX * ws.astype(np.float64) / SY, ZY, lo=ZY, axis=1, ndim=4)
+    out, lowered = _through_tvmq(mod, target, [x])
+    np.testing.assert_array_equal(out, expected)
+    kernels = _int4_kernels(lowered)
+    assert kernels and all(KERNEL_NAME in k for k in kernels)
+    # Two per byte, in the kernel's layout: input channels padded to 6 (pairs) or 8 (quads).
+    channels = 8 if target == "x86-vnni" else 6
+    packed = [c.size for c in _constants(lowered) if c.dtype == np.uint8 and c.ndim == 1]
+    assert packed == [16 * channels * 9 // 2]
+    assert not [c for c in _constants(lowered) if c.dtype == np.int8 and c.size >= w.size]
+
+
+@pytest.mark.parametrize("target", BLOCKED_TARGETS)
+@pytest.mark.parametrize("group", [0, 8])
+def test_int4_matmul_as_blocked_kernel_bit_exact(target, group):
+    w = RNG.normal(0, 0.3, (24, 32)).astype(np.float32)
+    if group:
+        w_int, ws = quantize_weight_grouped(w, axis=1, bits=4, group_size=group)
+    else:
+        w_int, ws = quantize_weight(w, axis=1, bits=4)
+    mod = _grouped_module(lambda x: relax.op.matmul(x, _dq(w_int, ws, 1)), (3, 24), group)
+    xq, x = _random_input((3, 24))
+    acc = (xq.astype(np.int64) - ZX) @ w_int.astype(np.int64)
+    expected = _requant(acc, SX * ws.astype(np.float64) / SY, ZY, axis=1, ndim=2)
+    out, lowered = _through_tvmq(mod, target, [x])
+    np.testing.assert_array_equal(out, expected)
+    kernels = _int4_kernels(lowered)
+    assert kernels and all(MATMUL_KERNEL in k for k in kernels)

@@ -75,7 +75,9 @@ def pipeline(
         # QDQ (ours, or a pre-quantized ONNX model's) becomes integer-only compute before
         # LegalizeOps lowers it; a module without QDQ passes through unchanged.
         # (uint8 activations, zero point + 128, where the kernels multiply u8 x s8: VNNI.)
-        RealizeQuantization(unsigned_activations=int_dot(preset) is IntDot.QUADS),
+        # INT4 layers are built as the CPU's blocked kernels, their weights unpacked inside.
+        RealizeQuantization(unsigned_activations=int_dot(preset) is IntDot.QUADS,
+                            weight_block=weight_block(tvm_target), int_dot=int_dot(preset)),
         # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
         _conv_algorithm_pass(preset, config),
         # Matmuls with constant weights read them blocked by output column (CPUs).
