@@ -15,7 +15,7 @@ KERNEL_ATTR = "tvmq.kernel"
 
 
 class IntDot(StrEnum):
-    """The instruction an integer kernel's operands are laid out for (x86 CPUs).
+    """The instruction an integer kernel's operands are laid out for (CPUs).
 
     - ``int32``: each int8 product widened to int32 (any CPU);
     - ``int16-pairs``: ``vpmaddwd`` (AVX2): activations widened to int16, two input
@@ -23,26 +23,42 @@ class IntDot(StrEnum):
     - ``u8-quads``: ``vpdpbusd`` (AVX-512 VNNI): uint8 activations times int8 weights, four
       input channels per 32-bit lane, weights [..., B, 4]. VNNI multiplies u8 by s8 only,
       so int8 activations fall back to pairs.
+    - ``s8-quads``: ``sdot`` (AArch64 dot product): int8 activations times int8 weights,
+      four input channels per 32-bit lane, weights [..., B, 4].
     """
 
     WIDE = "int32"
     PAIRS = "int16-pairs"
     QUADS = "u8-quads"
+    SIGNED_QUADS = "s8-quads"
 
     def for_data(self, dtype: str) -> IntDot:
         """The form a kernel with ``dtype`` activations takes under this target form."""
-        return IntDot.PAIRS if self is IntDot.QUADS and dtype != "uint8" else self
+        if self is IntDot.QUADS and dtype != "uint8":
+            return IntDot.PAIRS
+        if self is IntDot.SIGNED_QUADS and dtype != "int8":
+            return IntDot.WIDE
+        return self
 
     def dividing(self, depth: int) -> IntDot:
         """The widest form, at most this one, whose groups split ``depth`` channels (for
         kernels that read their activations in place and so cannot pad them)."""
-        return next(f for f in (IntDot.QUADS, IntDot.PAIRS, IntDot.WIDE)
-                    if f.group <= self.group and depth % f.group == 0)
+        return next(f for f in self._narrower if depth % f.group == 0)
+
+    @property
+    def _narrower(self) -> tuple[IntDot, ...]:
+        """This form and the ones the same target falls back to, widest first."""
+        return {
+            IntDot.QUADS: (IntDot.QUADS, IntDot.PAIRS, IntDot.WIDE),
+            IntDot.SIGNED_QUADS: (IntDot.SIGNED_QUADS, IntDot.WIDE),
+            IntDot.PAIRS: (IntDot.PAIRS, IntDot.WIDE),
+            IntDot.WIDE: (IntDot.WIDE,),
+        }[self]
 
     @property
     def group(self) -> int:
         """Input channels multiplied into each 32-bit accumulator lane per instruction."""
-        return {IntDot.WIDE: 1, IntDot.PAIRS: 2, IntDot.QUADS: 4}[self]
+        return {IntDot.WIDE: 1, IntDot.PAIRS: 2, IntDot.QUADS: 4, IntDot.SIGNED_QUADS: 4}[self]
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def emit_blocked(
     """The blocked direct form of ``conv`` (its kernel added to ``builder``).
 
     ``int_dot``: the target's integer multiply (passes/_conv.py ``IntDot``); integer
-    convolutions take its grouped-channel form, which ``schedules/x86_int8.py`` computes
+    convolutions take its grouped-channel form, which ``schedules/int8_dot.py`` computes
     with ``vpmaddwd`` (int16 pairs, AVX2) or ``vpdpbusd`` (uint8 quads, AVX-512 VNNI).
     """
     size = weight_block(conv, block)

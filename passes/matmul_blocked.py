@@ -52,7 +52,7 @@ def matmul_blocked(data, weight, out_dtype: str):
     A 4-d weight ([N/B, K/g, B, g], int8) selects the grouped form: g = 2, the int16 pair
     form (activations first widened to int16, so each (k, k + 1) pair is one 32-bit
     broadcast for vpmaddwd); g = 4, uint8 quads (four consecutive uint8 activations are one
-    32-bit broadcast for vpdpbusd, read in place). See schedules/x86_int8.py.
+    32-bit broadcast for vpdpbusd, read in place). See schedules/int8_dot.py.
     """
     *batch, rows, depth = (int(d) for d in data.shape)
     group = int(weight.shape[3]) if len(weight.shape) == 4 else 1

@@ -16,7 +16,7 @@ from tvm.target import Target
 from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME
 from tvmq.passes.conv_to_gemm import POINTWISE_NAME, pointwise_vectors
 
-from . import x86_int8
+from . import int8_dot
 from .cpu_common import (
     accumulate_locally,
     find_kernel,
@@ -38,7 +38,8 @@ class BlockedConv(CPUScheduleRule):
         sch, blocks, index = found
         main = blocks[index]
         # Weight [O/B, I, KH, KW, B], or [O/B, I/g, KH, KW, B, g] in a grouped form.
-        group, lanes, block = x86_int8.weight_form(sch, main, 6, 4, float32_lanes(target))
+        group, lanes, block, intrinsic = int8_dot.weight_form(
+            sch, main, 6, 4, float32_lanes(target))
         loops = sch.get_loops(main)
         extents = [loop_extent(sch, loop) for loop in loops[:4]]
         if any(e is None for e in extents) or block % lanes:
@@ -65,7 +66,7 @@ class BlockedConv(CPUScheduleRule):
         sch.parallel(tile)
         for loop in (y_inner, x_inner, vectors):
             sch.unroll(loop)
-        x86_int8.finish_tile(sch, main, reduction[0], vector, tile, epilogue, group)
+        int8_dot.finish_tile(sch, main, reduction[0], vector, tile, epilogue, intrinsic)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch

@@ -13,7 +13,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvmq.passes.matmul_blocked import KERNEL_NAME
 
-from . import x86_int8
+from . import int8_dot
 from .cpu_common import (
     accumulate_locally,
     find_kernel,
@@ -36,7 +36,8 @@ class BlockedMatmul(CPUScheduleRule):
         sch, blocks, index = found
         main = blocks[index]
         # Weight [N/B, K, B], or [N/B, K/g, B, g] in a grouped form.
-        group, lanes, block = x86_int8.weight_form(sch, main, 4, 2, float32_lanes(target))
+        group, lanes, block, intrinsic = int8_dot.weight_form(
+            sch, main, 4, 2, float32_lanes(target))
         spatial = sch.get_loops(main)[: -2 if group > 1 else -1]
         extents = [loop_extent(sch, loop) for loop in spatial]
         if any(e is None for e in extents) or block % lanes:
@@ -61,7 +62,7 @@ class BlockedMatmul(CPUScheduleRule):
         sch.parallel(tile)
         sch.unroll(m_inner)
         sch.unroll(vectors)
-        x86_int8.finish_tile(sch, main, k, vector, tile, epilogue, group)
+        int8_dot.finish_tile(sch, main, k, vector, tile, epilogue, intrinsic)
         schedule_tile_epilogue(sch, epilogue, lanes)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)

@@ -254,3 +254,11 @@ def test_pointwise_gemm_matches_numpy(shape, out_channels, target):
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     want = 2 * reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_conv_uses_sdot_with_dotprod():
+    # int8 quads tensorized with sdot on AArch64 with the dot product (cross-compiled);
+    # without it, int32 products.
+    w = RNG.integers(-128, 128, (16, 6, 3, 3)).astype(np.int8)
+    assert "sdot" in _assembly((1, 6, 8, 8), w, "int32", target="aarch64-dotprod")
+    assert "sdot" not in _assembly((1, 6, 8, 8), w, "int32", target="aarch64")

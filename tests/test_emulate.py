@@ -170,3 +170,22 @@ def test_cli_refuses_timing_under_emulation(build):
     result = tvmq_cli("run", build("aarch64"), "--emulate", "--print-time", check=1)
     assert "timing under emulation is meaningless" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shape, out_channels, k, padding", [
+    ((1, 6, 9, 9), 16, 3, (1, 1, 1, 1)),    # 6 channels: the second quad padded
+    ((1, 16, 7, 7), 8, 1, (0, 0, 0, 0)),
+])
+def test_int8_conv_through_sdot_is_exact(tmp_path, shape, out_channels, k, padding):
+    # The blocked kernel's int8 quad form, tensorized with sdot, run under qemu.
+    from test_conv_blocked import _conv_module, reference_conv
+
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (out_channels, shape[1], k, k)).astype(np.int8)
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    artifact = tvmq.compile(_conv_module(shape, w, (1, 1), padding, (1, 1), "int32"),
+                            target="aarch64-dotprod")
+    path = artifact.export(tmp_path / "conv.tar")
+    (out,) = emulate.run_emulated(path, {"x": x}, cpu="cortex-a76").values()
+    np.testing.assert_array_equal(out, 2 * reference_conv(x, w, (1, 1), padding, (1, 1),
+                                                          np.int64))

@@ -121,12 +121,15 @@ def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
 
 
 def int_dot(preset) -> IntDot:
-    """The integer multiply the target's kernels are laid out for (schedules/x86_int8.py):
+    """The integer multiply the target's kernels are laid out for (schedules/int8_dot.py):
     vpdpbusd on uint8 quads with AVX-512 VNNI, vpmaddwd on int16 pairs with AVX2 (the
-    fastest int8 multiply-add without VNNI), int32 products elsewhere."""
+    fastest int8 multiply-add without VNNI), sdot on int8 quads with the AArch64 dot
+    product, int32 products elsewhere."""
+    features = preset.required_cpu_features()
+    if preset.arch == "aarch64":
+        return IntDot.SIGNED_QUADS if "asimddp" in features else IntDot.WIDE
     if preset.arch != "x86_64":
         return IntDot.WIDE
-    features = preset.required_cpu_features()
     if "avx512_vnni" in features:
         return IntDot.QUADS
     return IntDot.PAIRS if "avx2" in features else IntDot.WIDE
