@@ -70,45 +70,38 @@ def _pair_dot_avx2(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
-@T.prim_func(s_tir=True)
-def _quad_dot_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        quad = T.reinterpret(A.vload([0], dtype="uint8x4"), dtype="int32")
-        a8 = T.reinterpret(T.broadcast(quad, 16), dtype="int8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"), a8, B.vload([0, 0], dtype="int8x64"),
-            dtype="int32x16",
-        )
+def _quad_dot(lanes: int, a_dtype: str, instruction: str):
+    """``C[0:lanes] += quad dot products`` by one instruction taking (acc, data bytes,
+    weight bytes): each lane adds the four products of the broadcast activation quad and
+    its four weights (vpdpbusd: uint8 x int8, 16 lanes; sdot: int8 x int8, 4 lanes)."""
+    width = 4 * lanes
 
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            quad = T.reinterpret(A.vload([0], dtype=f"{a_dtype}x4"), dtype="int32")
+            a8 = T.reinterpret(T.broadcast(quad, lanes), dtype=f"int8x{width}")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(instruction),
+                C.vload([0], dtype=f"int32x{lanes}"), a8,
+                B.vload([0, 0], dtype=f"int8x{width}"), dtype=f"int32x{lanes}",
+            )
 
-@T.prim_func(s_tir=True)
-def _quad_dot_sdot(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        quad = T.reinterpret(A.vload([0], dtype="int8x4"), dtype="int32")
-        a8 = T.reinterpret(T.broadcast(quad, 4), dtype="int8x16")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C.vload([0], dtype="int32x4"), a8, B.vload([0, 0], dtype="int8x16"),
-            dtype="int32x4",
-        )
+    return impl
 
 
 # By (group, activation dtype as the kernel reads it): name, int32 lanes, desc, impl.
 _INTRINSICS = {
     (2, "int16"): (PAIR_DOT_8x2, 8, _dot_desc(8, 2, "int16"), _pair_dot_avx2),
-    (4, "uint8"): (QUAD_DOT_16x4, 16, _dot_desc(16, 4, "uint8"), _quad_dot_vnni),
-    (4, "int8"): (SDOT_4x4, 4, _dot_desc(4, 4, "int8"), _quad_dot_sdot),
+    (4, "uint8"): (QUAD_DOT_16x4, 16, _dot_desc(16, 4, "uint8"),
+                   _quad_dot(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")),
+    (4, "int8"): (SDOT_4x4, 4, _dot_desc(4, 4, "int8"),
+                  _quad_dot(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")),
 }
 
 
