@@ -166,7 +166,11 @@ class _Kernels:
         while f"{name}_{index}" in self.taken:
             index += 1
         name = f"{name}_{index}"
-        prim = prim.with_attr("global_symbol", name)
+        # No global symbol: once FuseTIR has copied a kernel into its fused function,
+        # dead-code elimination drops the unfused original (a global symbol kept it, so it
+        # was compiled for nothing); AttachGlobalSymbol names whatever stays.
+        # (create_prim_func names every one "main".)
+        prim = prim.without_attr("global_symbol")
         gv = self.builder.add_func(prim, name)
         self.taken.add(gv.name_hint)
         self.added.append((gv, prim))
