@@ -125,15 +125,18 @@ def emit_blocked(
     convolutions take its grouped-channel form, which ``schedules/int8_dot.py`` computes
     with ``vpmaddwd`` (int16 pairs, AVX2) or ``vpdpbusd`` (uint8 quads, AVX-512 VNNI).
     """
-    size = weight_block(conv, block)
-    form = int_dot.for_data(str(conv.data.ty.dtype)) if conv.is_integer else IntDot.WIDE
-    weight = blocked_weight(conv.weight, size)
-    if form is not IntDot.WIDE:
-        weight = grouped_weight(weight, form.group)
     return builder.call_te(
-        conv2d_blocked, conv.data, relax.const(weight), conv.strides, conv.padding,
-        conv.dilation, conv.out_dtype, primfunc_name_hint=KERNEL_NAME,
+        conv2d_blocked, conv.data, relax.const(kernel_weight(conv, block, int_dot)),
+        conv.strides, conv.padding, conv.dilation, conv.out_dtype, primfunc_name_hint=KERNEL_NAME,
     )
+
+
+def kernel_weight(conv: Conv2D, block: int, int_dot: IntDot = IntDot.WIDE) -> np.ndarray:
+    """``conv``'s weight as the blocked kernel reads it: blocked by output channel and, for
+    an integer convolution, in ``int_dot``'s grouped form for its activations."""
+    form = int_dot.for_data(str(conv.data.ty.dtype)) if conv.is_integer else IntDot.WIDE
+    weight = blocked_weight(conv.weight, weight_block(conv, block))
+    return weight if form is IntDot.WIDE else grouped_weight(weight, form.group)
 
 
 def conv2d_blocked(data, weight, strides, padding, dilation, out_dtype: str):

@@ -46,6 +46,17 @@ def grouped_weight(blocked: np.ndarray, group: int) -> np.ndarray:
         blocked.reshape(blocks, depth // group, group, size).transpose(0, 1, 3, 2))
 
 
+def kernel_weight(value: np.ndarray, block: int, form: IntDot) -> np.ndarray | None:
+    """A [K, N] weight as the blocked kernel reads it: blocked by output column and in the
+    widest grouped form, at most ``form``, that divides K; None if no block divides N."""
+    size = column_block(value.shape[1], block)
+    if size is None:
+        return None
+    blocked = blocked_weight(value, size)
+    group = form.dividing(value.shape[0]).group
+    return grouped_weight(blocked, group) if group > 1 else blocked
+
+
 def matmul_blocked(data, weight, out_dtype: str):
     """out[..., m, n] = sum_k data[..., m, k] * weight[n // B, k, n % B].
 
@@ -151,14 +162,10 @@ def _rewrite(
         return None
     if out_dtype == "float32" and value.dtype != np.float32:
         return None
-    size = column_block(value.shape[1], block)
-    if size is None:
-        return None
-    blocked = blocked_weight(value, size)
     form = int_dot.for_data(str(data_ty.dtype)) if out_dtype == "int32" else IntDot.WIDE
-    group = form.dividing(value.shape[0]).group
-    if group > 1:
-        blocked = grouped_weight(blocked, group)
+    blocked = kernel_weight(value, block, form)
+    if blocked is None:
+        return None
     return builder.call_te(matmul_blocked, data, relax.const(blocked), out_dtype,
                            primfunc_name_hint=KERNEL_NAME)
 

@@ -365,7 +365,7 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
     m_te = te.placeholder(list(mult.shape), "uint8", name="w_mult") if mult is not None else None
     extra = {"mult": m_te, "group_size": kernels.group_size} if mult is not None else {}
     is_conv = anchor.op.name == "relax.nn.conv2d"
-    layout = (_blocked_conv_int4(anchor, x, x_dtype, q, kernels) if is_conv
+    layout = (_blocked_conv_int4(anchor, x, q, kernels) if is_conv
               else _blocked_matmul_int4(x_dtype, q, kernels))
     packed = pack_int4(q if layout is None else layout[0])
     w_te = te.placeholder([packed.size], "uint8", name="w_packed")
@@ -402,8 +402,7 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
     return relax.call_tir(gv, args, out_ty)
 
 
-def _blocked_conv_int4(anchor: relax.Call, x: relax.Expr, x_dtype: str, q: np.ndarray,
-                       kernels: _Kernels):
+def _blocked_conv_int4(anchor: relax.Call, x: relax.Expr, q: np.ndarray, kernels: _Kernels):
     """(int4 weight in the blocked conv's layout, its origin map), or None where the
     blocked kernel does not apply (no CPU block, grouped or depthwise layers)."""
     attrs = anchor.attrs
@@ -415,10 +414,7 @@ def _blocked_conv_int4(anchor: relax.Call, x: relax.Expr, x_dtype: str, q: np.nd
     )
     if not conv_blocked.eligible(conv, kernels.weight_block):
         return None
-    weight = conv_blocked.blocked_weight(q, conv_blocked.weight_block(conv, kernels.weight_block))
-    form = kernels.int_dot.for_data(x_dtype)
-    if form is not IntDot.WIDE:
-        weight = conv_blocked.grouped_weight(weight, form.group)
+    weight = conv_blocked.kernel_weight(conv, kernels.weight_block, kernels.int_dot)
     return weight, blocked_conv_origin(weight.shape)
 
 
@@ -426,14 +422,9 @@ def _blocked_matmul_int4(x_dtype: str, q: np.ndarray, kernels: _Kernels):
     """(int4 [K, N] weight in the blocked matmul's layout, its origin map), or None."""
     if kernels.weight_block is None or q.ndim != 2:
         return None
-    size = matmul_blocked.column_block(q.shape[1], kernels.weight_block)
-    if size is None:
-        return None
-    weight = matmul_blocked.blocked_weight(q, size)
-    group = kernels.int_dot.for_data(x_dtype).dividing(q.shape[0]).group
-    if group > 1:
-        weight = matmul_blocked.grouped_weight(weight, group)
-    return weight, blocked_matmul_origin(weight.shape)
+    weight = matmul_blocked.kernel_weight(q, kernels.weight_block,
+                                          kernels.int_dot.for_data(x_dtype))
+    return None if weight is None else (weight, blocked_matmul_origin(weight.shape))
 
 
 def _int_conv(conv: relax.Call, x: relax.Expr, zero: int, weight: relax.Expr) -> relax.Expr:

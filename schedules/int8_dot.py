@@ -105,7 +105,7 @@ _INTRINSICS = {
 }
 
 
-def register(group: int = 2, data_dtype: str = "int16") -> str:
+def register(group: int, data_dtype: str) -> str:
     """Register the intrinsic for ``group`` channels of ``data_dtype`` activations (once per
     process); returns its name."""
     name, _, desc, impl = _INTRINSICS[(group, data_dtype)]
