@@ -10,7 +10,10 @@ import subprocess
 
 import numpy as np
 import pytest
+import tvm
 from test_cli import tvmq_cli
+from tvm.script import ir as I
+from tvm.script import relax as R
 
 import tvmq
 from tvmq.examples import DIGITS_MODEL, digits_test_set
@@ -137,3 +140,27 @@ def test_html_renders_in_headless_chromium(digits_artifact, tmp_path):
     # A rendered report has text, table borders and a coloured bar chart, not a blank page.
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
     assert (np.abs(pixels[..., 2].astype(int) - pixels[..., 0]) > 60).any()
+
+
+@tvm.register_global_func("tvmq.test.profile_double")
+def _double(x, out):
+    out.copyfrom(x.numpy() * 2)
+
+
+@I.ir_module
+class _Packed:
+    @R.function
+    def main(x: R.Tensor((4, 4), "float32")) -> R.Tensor((4, 4), "float32"):
+        with R.dataflow():
+            y = R.call_dps_packed("tvmq.test.profile_double", (x,),
+                                  out_ty=R.Tensor((4, 4), "float32"))
+            R.output(y)
+        return y
+
+
+def test_a_packed_call_outside_the_library_is_timed(tmp_path):
+    # Not in the artifact's library: timed by calls from Python instead of TVM's evaluator.
+    path = tvmq.compile(_Packed, target="x86").export(tmp_path / "packed.tar")
+    result = profile(path, repeat=5)
+    (row,) = [r for r in result.rows if r.name == "tvmq.test.profile_double"]
+    assert row.calls == 1 and row.time_ms > 0
