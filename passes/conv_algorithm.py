@@ -117,7 +117,7 @@ def emit(
         if conv_blocked.eligible(conv, weight_block):
             return conv_blocked.emit_blocked(builder, conv, weight_block, int_dot)
         if conv_blocked.depthwise(conv, weight_block):
-            return conv_blocked.emit_depthwise(builder, conv)
+            return conv_blocked.emit_depthwise(builder, conv, weight_block)
         return None
     if algorithm is ConvAlgorithm.GEMM:
         return conv_to_gemm.emit_gemm(builder, conv, weight_block)

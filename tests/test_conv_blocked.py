@@ -9,7 +9,13 @@ import pytest
 import tvm
 from tvm import relax
 from tvmq.passes.conv_algorithm import ConvPolicy
-from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME, blocked_weight, grouped_weight
+from tvmq.passes.conv_blocked import (
+    DEPTHWISE_NAME,
+    KERNEL_NAME,
+    _flat_extent,
+    blocked_weight,
+    grouped_weight,
+)
 from tvmq.schedules.cpu_common import weight_block
 from tvmq.schedules.cpu_conv import choose_tile
 
@@ -151,36 +157,62 @@ def test_channels_that_do_not_block_keep_tvm_conv():
         rtol=1e-4, atol=1e-4)
 
 
-def reference_depthwise(x, w, strides, padding, dtype):
+def reference_depthwise(x, w, strides, padding, dilation, dtype):
     return np.concatenate([
-        reference_conv(x[:, c : c + 1], w[c : c + 1], strides, padding, (1, 1), dtype)
+        reference_conv(x[:, c : c + 1], w[c : c + 1], strides, padding, dilation, dtype)
         for c in range(x.shape[1])
     ], axis=1)
 
 
-@pytest.mark.parametrize("shape, strides, dtype, kernel", [
-    ((1, 6, 40, 40), (1, 1), "float32", DEPTHWISE_NAME),
-    ((1, 5, 75, 66), (2, 2), "float32", DEPTHWISE_NAME),   # 38 x 33 output, odd width
-    ((1, 4, 36, 36), (1, 1), "int32", DEPTHWISE_NAME),
-    ((1, 8, 14, 14), (1, 1), "float32", None),             # rows too narrow: TVM's kernel
+@pytest.mark.parametrize("shape, kernel, strides, padding, dilation, dtype", [
+    ((1, 6, 40, 40), 3, (1, 1), (1, 1, 1, 1), (1, 1), "float32"),
+    ((1, 5, 75, 66), 3, (2, 2), (1, 1, 1, 1), (1, 1), "float32"),  # 38 x 33 output, odd width
+    ((1, 4, 36, 36), 3, (1, 1), (1, 1, 1, 1), (1, 1), "int32"),
+    ((1, 3, 29, 31), 3, (2, 2), (1, 1, 1, 1), (1, 1), "int32"),
+    ((1, 8, 14, 14), 3, (1, 1), (1, 1, 1, 1), (1, 1), "float32"),
+    ((1, 8, 7, 7), 3, (1, 1), (1, 1, 1, 1), (1, 1), "float32"),   # rows narrower than a vector
+    ((1, 4, 19, 23), 5, (2, 1), (2, 1, 2, 3), (1, 1), "float32"),  # 5x5, mixed stride, padding
+    ((1, 4, 20, 20), 3, (1, 1), (2, 2, 2, 2), (2, 2), "float32"),  # dilated
+    ((1, 4, 21, 21), 3, (3, 3), (0, 0, 0, 0), (1, 1), "float32"),  # stride 3, unpadded
 ])
-def test_depthwise_matches_numpy(shape, strides, dtype, kernel):
+def test_depthwise_matches_numpy(shape, kernel, strides, padding, dilation, dtype):
     channels = shape[1]
     if dtype == "int32":
-        w = RNG.integers(-128, 128, (channels, 1, 3, 3)).astype(np.int8)
+        w = RNG.integers(-128, 128, (channels, 1, kernel, kernel)).astype(np.int8)
         x = RNG.integers(-128, 128, shape).astype(np.int8)
     else:
-        w = RNG.normal(0, 0.3, (channels, 1, 3, 3)).astype(np.float32)
+        w = RNG.normal(0, 0.3, (channels, 1, kernel, kernel)).astype(np.float32)
         x = RNG.normal(size=shape).astype(np.float32)
-    vm, kernels = _compiled_conv(shape, w, strides, (1, 1, 1, 1), (1, 1), dtype, groups=channels)
-    assert any(DEPTHWISE_NAME in name for name in kernels) == (kernel is not None)
+    vm, kernels = _compiled_conv(shape, w, strides, padding, dilation, dtype, groups=channels)
+    assert any(DEPTHWISE_NAME in name for name in kernels)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    want = 2 * reference_depthwise(x, w, strides, (1, 1, 1, 1),
+    want = 2 * reference_depthwise(x, w, strides, padding, dilation,
                                    np.int64 if dtype == "int32" else np.float64)
     if dtype == "int32":
         assert np.array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_with_avx2_vectors():
+    w = RNG.normal(0, 0.3, (6, 1, 3, 3)).astype(np.float32)
+    x = RNG.normal(size=(1, 6, 15, 15)).astype(np.float32)
+    vm, kernels = _compiled_conv(x.shape, w, (2, 2), (1, 1, 1, 1), (1, 1), "float32",
+                                 groups=6, target="x86-avx2")
+    assert any(DEPTHWISE_NAME in name for name in kernels)
+    np.testing.assert_allclose(
+        vm["main"](tvm.runtime.tensor(x)).numpy(),
+        2 * reference_depthwise(x, w, (2, 2), (1, 1, 1, 1), (1, 1), np.float64),
+        rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_flat_extent_is_whole_vectors():
+    assert _flat_extent(7, 9, 16) == (8, 10)     # 80 pixels, 5 vectors
+    assert _flat_extent(14, 16, 16) == (14, 16)
+    assert _flat_extent(56, 57, 16) == (56, 58)
+    for rows, columns in ((3, 5), (28, 30), (38, 34)):
+        tall, wide = _flat_extent(rows, columns, 16)
+        assert tall >= rows and wide >= columns and tall * wide % 16 == 0
 
 
 def _assembly(shape, weight, out_dtype, target="x86", data_dtype=None):
