@@ -72,9 +72,13 @@ def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
 def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
     """The rule, fitted to ResNet-50's layers measured here (bench/conv_algorithms.py):
 
-    - 1x1 stride-1 layers at least 56 wide, on CPUs: GEMM, the row-blocked pointwise
-      kernel (ResNet-50's 64->256 at 56x56: 1.9 ms against 3.0 direct; at 28x28 direct
-      still won, 1.26 against 1.45 ms);
+    - 1x1 stride-1 layers whose image splits into whole vectors of pixels, on CPUs (on
+      AVX-512: 28, 56 and 112 wide, not 14 or 7): GEMM, the pointwise kernel, unless the
+      layer reduces at least 256 input channels to fewer, which the blocked direct kernel
+      runs faster. Measured here (AVX-512, 2 threads; GEMM / direct, ms): 96->24 at 56x56
+      0.041 / 0.34 (24 channels do not block), 64->256 0.32 / 0.44, 64->64 0.075 / 0.105,
+      16->96 at 112x112 0.19 / 0.37, 128->512 at 28x28 0.29 / 0.35, 192->32 0.028 / 0.038;
+      but 256->64 at 56x56 0.79 / 0.50, 256->128 1.62 / 0.81, 512->128 at 28x28 0.59 / 0.36;
     - where the blocked direct kernel applies (CPU, ungrouped float32, output channels in
       blocks): direct. Measured with 2 threads on AVX2 it ran ResNet-50's 3x3 layers at
       ~140 GFLOP/s and its 1x1 layers at 60-85, where GEMM's kernels reached 11-40;
@@ -87,10 +91,12 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
       so the rule leaves it to ``measure`` and to overrides.
     """
     pointwise = conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
+    out_channels, in_channels = conv.weight.shape[:2]
     if (
         pointwise
-        and conv.output_hw[1] >= 56
         and conv_to_gemm.pointwise_rows(conv, weight_block) is not None
+        and (in_channels < 256 or in_channels <= out_channels
+             or not conv_blocked.eligible(conv, weight_block))
     ):
         return ConvAlgorithm.GEMM
     if conv_blocked.eligible(conv, weight_block) or not conv_to_gemm.eligible(conv):

@@ -56,24 +56,34 @@ def emit_gemm(
                            primfunc_name_hint="conv2d_gemm")
 
 
-def pointwise_vectors(width: int, lanes: int) -> int:
-    """Vectors of output pixels per tile row: two where the row holds whole pairs."""
-    return 2 if width % (2 * lanes) == 0 else 1
+def pointwise_vectors(pixels: int, lanes: int) -> int:
+    """Vectors of output pixels per register tile: two where the tile's pixels make whole
+    pairs."""
+    return 2 if pixels % (2 * lanes) == 0 else 1
+
+
+def pointwise_image_rows(height: int, width: int, lanes: int) -> int | None:
+    """Image rows per tile of the pointwise kernel: the fewest (dividing ``height``) whose
+    pixels, contiguous in NCHW, are whole vectors; None where no such rows exist (14x14
+    and 7x7 with 16 lanes). 56-wide images take two rows (7 vectors) on AVX-512."""
+    return next((r for r in range(1, height + 1)
+                 if height % r == 0 and r * width % lanes == 0), None)
 
 
 def pointwise_rows(conv: Conv2D, weight_block: int | None) -> int | None:
     """Output channels per register tile of the row-blocked pointwise kernel, or None.
 
-    The tile is ``rows`` channels (each weight broadcast) by one or two vectors of a
-    row's pixels, so a row must be whole vectors: 56- and 112-wide images, not 7 or 14.
+    The tile is ``rows`` channels (each weight broadcast) by one or two vectors of the
+    image's pixels (contiguous runs of whole image rows, ``pointwise_image_rows``).
     """
     if weight_block is None or conv.out_dtype != "float32" or conv.is_integer:
         return None
     lanes = weight_block // 2
-    width = conv.output_hw[1]
-    if width % lanes:
+    height, width = conv.output_hw
+    image_rows = pointwise_image_rows(height, width, lanes)
+    if image_rows is None:
         return None
-    vectors = pointwise_vectors(width, lanes)
+    vectors = pointwise_vectors(image_rows * width, lanes)
     # Accumulators: all vector registers but the pixel vectors, a broadcast and a spare
     # (AVX2 has 16 registers; AVX-512 and NEON 32).
     registers = 16 if lanes == 8 else 32

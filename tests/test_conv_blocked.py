@@ -272,6 +272,8 @@ def test_uint8_vnni_is_exact(shape, out_channels, k, strides, padding, dilation)
     ((1, 16, 8, 32), 12, "x86-avx2"),    # two pixel vectors per row, 6 channels per tile
     ((1, 8, 4, 24), 10, "x86-avx2"),     # one vector per row, 10 channels per tile
     ((1, 16, 8, 32), 12, "x86-avx512"),  # two 16-pixel vectors per row
+    ((1, 12, 8, 28), 24, "x86-avx512"),   # 4 rows of 28 = 7 vectors per tile, 24 channels
+    ((1, 8, 6, 12), 4, "x86-avx2"),      # 2 rows of 12 = 3 vectors per tile
 ])
 def test_pointwise_gemm_matches_numpy(shape, out_channels, target):
     from tvmq.passes.conv_to_gemm import POINTWISE_NAME
@@ -286,6 +288,16 @@ def test_pointwise_gemm_matches_numpy(shape, out_channels, target):
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     want = 2 * reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pointwise_image_rows():
+    from tvmq.passes.conv_to_gemm import pointwise_image_rows
+
+    assert pointwise_image_rows(56, 56, 16) == 2
+    assert pointwise_image_rows(28, 28, 16) == 4
+    assert pointwise_image_rows(112, 112, 16) == 1
+    assert pointwise_image_rows(14, 14, 16) is None
+    assert pointwise_image_rows(7, 7, 8) is None
 
 
 def test_int8_conv_uses_sdot_with_dotprod():
