@@ -82,7 +82,8 @@ class PointwiseConv(CPUScheduleRule):
     broadcast weight each) by a run of whole image rows (contiguous in NCHW) in whole
     vectors, computed one or two vectors at a time; the epilogue runs on the tile's rows.
     Rows spanning several image rows took 56-wide images on AVX-512 (96->24 at 56x56:
-    0.041 ms against 0.22 as the generic GEMM, 64->256 0.32 against 0.44 direct). Measured (AVX2, 2 threads): 64->256 at 56x56 1.9 ms against 3.0
+    0.041 ms against 0.22 as the generic GEMM, 64->256 0.32 against 0.44 direct). Measured
+    before (AVX2, 2 threads, one image row per tile): 64->256 at 56x56 1.9 ms against 3.0
     as the channel-vector kernel, 256->64 1.35 against 2.1, 16->96 at 112x112 1.35 vs 1.8.
     """
 

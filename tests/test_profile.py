@@ -164,3 +164,17 @@ def test_a_packed_call_outside_the_library_is_timed(tmp_path):
     result = profile(path, repeat=5)
     (row,) = [r for r in result.rows if r.name == "tvmq.test.profile_double"]
     assert row.calls == 1 and row.time_ms > 0
+
+
+@pytest.mark.parametrize("name, algorithm", [
+    ("fused_conv2d_pointwise3_add1", "gemm"),     # ConvToGemm's 1x1 kernel
+    ("fused_conv2d_gemm2_add4", "gemm"),
+    ("fused_conv2d_blocked5_add2_maximum1", "direct"),
+    ("fused_conv2d_depthwise1_add3", "direct"),
+    ("fused_conv2d_winograd1_add2", "winograd"),
+])
+def test_kernel_algorithm_from_its_name(name, algorithm):
+    from tvmq.kernels import _algorithm
+
+    func = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0))
+    assert _algorithm(name, func) == algorithm

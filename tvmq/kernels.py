@@ -12,6 +12,8 @@ from typing import Any
 import tvm
 from tvm import tirx
 
+from .passes.conv_to_gemm import POINTWISE_NAME
+
 KERNEL_ORIGINS_ATTR = "tvmq.kernel_origins"
 ALGORITHM_ATTR = "tvmq.algorithm"
 
@@ -72,7 +74,8 @@ def _algorithm(name: str, func: tirx.PrimFunc) -> str:
         return str(attrs[ALGORITHM_ATTR])
     if "winograd" in name:
         return "winograd"
-    if "conv2d_gemm" in name or "im2col" in name:
+    # The pointwise kernel is ConvToGemm's 1x1 form (passes/conv_to_gemm.py).
+    if "conv2d_gemm" in name or "im2col" in name or POINTWISE_NAME in name:
         return "gemm"
     if "conv2d" in name:
         return "direct"
