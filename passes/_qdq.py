@@ -223,7 +223,8 @@ def activation_bounds(
     name = act.op.name
     if name == "relax.nn.relu":
         return max(lo, zero_point), hi
-    low, high = (float(arg.value.value) for arg in act.args[1:3])  # relax.clip
+    # relax.clip's bounds: PrimValues of an IntImm / FloatImm (or, read back, a number).
+    low, high = (float(getattr(arg.value, "value", arg.value)) for arg in act.args[1:3])
     if np.isfinite(low):
         lo = max(lo, zero_point + int(np.round(low / scale)))
     if np.isfinite(high):

@@ -148,3 +148,42 @@ def test_sum_and_max_of_tensors_import_as_binary_ops(tmp_path):
     (y,) = tvmq.runtime.load(tmp_path / "sum.tar").run(x=x).values()
     (expected,) = reference(model, {"x": x})
     assert relative_error(y, expected) <= 1e-5
+
+
+def _clip_model(bounds: list, opset: int, attrs: dict | None = None) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array(v, np.float32), f"b{i}")
+             for i, v in enumerate(bounds) if v is not None]
+    inputs = ["x"] + [f"b{i}" if v is not None else "" for i, v in enumerate(bounds)]
+    graph = helper.make_graph(
+        [helper.make_node("Clip", inputs, ["y"], **(attrs or {}))], "clip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("bounds, opset, attrs, want", [
+    ([0.0, 6.0], 13, None, (0.0, 6.0)),             # ReLU6
+    ([None, 2.5], 13, None, (-np.inf, 2.5)),        # no lower bound
+    ([np.nan, 1.0], 13, None, (-np.inf, 1.0)),      # NaN bound: unbounded, as in ONNX
+    ([], 6, {"min": -1.0, "max": 1.0}, (-1.0, 1.0)),  # attribute bounds before opset 11
+])
+def test_constant_clip_imports_as_one_clip(bounds, opset, attrs, want, tmp_path):
+    mod = tvmq.frontend.import_onnx(_clip_model(bounds, opset, attrs))
+    (call,) = [b.value for b in mod["main"].body.blocks[0].bindings
+               if isinstance(b.value, tvm.relax.Call)]
+    assert call.op.name == "relax.clip"
+    got = tuple(float(getattr(a.value, "value", a.value)) for a in call.args[1:])
+    assert got == want
+    x = np.array([[-9.0, -0.5, 2.0, 9.0]], np.float32)
+    tvmq.compile(mod).export(tmp_path / "clip.tar")
+    (out,) = tvmq.runtime.load(tmp_path / "clip.tar").run(x=x).values()
+    np.testing.assert_array_equal(out, np.clip(x, *want))
+
+
+def test_clip_with_a_computed_bound_keeps_tvm_import():
+    model = _clip_model([0.0], 13)
+    node = model.graph.node[0]
+    node.input[:] = ["x", "x"]  # the lower bound is a tensor, not a constant
+    del model.graph.initializer[:]
+    mod = tvmq.frontend.import_onnx(model)
+    assert "R.clip" not in mod["main"].script()

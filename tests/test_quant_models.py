@@ -22,3 +22,9 @@ def test_mobilenet_v2_quantizes_and_tracks_float(tmp_path):
     cosine = float(np.dot(quantized.ravel(), reference.ravel())
                    / (np.linalg.norm(quantized) * np.linalg.norm(reference)))
     assert cosine > 0.95, cosine
+    # ReLU6 (ONNX Clip with constant bounds) folds into each layer's integer clamp: only the
+    # classifier's output is dequantized (the float fallback was dequantize / clip /
+    # quantize around every ReLU6 layer).
+    kernels = tvmq.runtime.load(tmp_path / "q.tar").manifest["kernels"]
+    dequantizing = [name for name in kernels if "dequantize" in name]
+    assert len(dequantizing) == 1 and "matmul" in dequantizing[0], dequantizing

@@ -156,6 +156,11 @@ class _NamingImporter(ONNXGraphImporter):
             result = functools.reduce(
                 lambda lhs, rhs: self.bb.normalize(pairwise(lhs, rhs)), inputs
             )
+        elif op_name == "Clip" and (bounds := _clip_bounds(inputs, attrs, opset)) is not None:
+            # One relax.clip where the bounds are constants: TVM's importer emits maximum
+            # and minimum kernels, which the quantizer cannot fold into a layer's clamp
+            # (MobileNetV2's ReLU6 layers then requantized through float32).
+            result = relax.op.clip(inputs[0], *bounds)
         else:
             result = super()._convert_operator(op_name, inputs, attrs, opset)
         node_name = str(attrs.get("tvm_custom", {}).get("name") or op_name)
@@ -167,6 +172,27 @@ class _NamingImporter(ONNXGraphImporter):
 
 
 _PAIRWISE = {"Sum": relax.op.add, "Max": relax.op.maximum, "Min": relax.op.minimum}
+
+
+def _clip_bounds(inputs, attrs, opset: int) -> tuple[float, float] | None:
+    """(low, high) of a float Clip whose bounds are constants (missing: infinite), or None."""
+    data = inputs[0]
+    if not isinstance(getattr(data, "ty", None), relax.TensorType) or not str(
+        data.ty.dtype
+    ).startswith("float"):
+        return None
+    if opset < 11:
+        return float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))
+    bounds = []
+    for bound, missing in zip((*inputs[1:3], None, None)[:2], (-np.inf, np.inf), strict=True):
+        if bound is None:
+            bounds.append(missing)
+            continue
+        if not isinstance(bound, tvm.ir.expr.Constant) or bound.value.numpy().size != 1:
+            return None
+        value = float(bound.value.numpy().reshape(()))
+        bounds.append(missing if np.isnan(value) else value)
+    return bounds[0], bounds[1]
 
 
 def _var_name(node_name: str) -> str:
