@@ -13,7 +13,7 @@ each float conv2d the candidates are the algorithms that compute it; the choice 
 - or a fixed algorithm for every layer.
 
 On CPUs ``direct`` is the blocked-weight kernel (passes/conv_blocked.py) where the layer
-fits it, the depthwise kernel for wide depthwise layers, else TVM's conv2d.
+fits it, the depthwise kernel for depthwise layers, else TVM's conv2d.
 
 Overrides by ONNX node name (exact or glob) win over the policy. The choices go on the
 module as ``tvmq.conv_algorithms`` for the artifact's manifest.
