@@ -85,10 +85,14 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
     - strided or large kernels read their input with gathers in the direct kernel: GEMM,
       unless the output is small (< 14 wide), where im2col's copy does not pay off;
     - 1x1: GEMM vectorizes across the whole image instead of one row; direct below 14x14;
-    - otherwise direct. Winograd F(4x4,3x3) measured faster for 3x3 stride-1 layers with
-      >= 128 input channels and >= 12 output tiles (2.3x at 256 channels, 14x14), but its
-      unrolled transforms cost ~10 s of TIR simplification per kernel (minutes on DenseNet),
-      so the rule leaves it to ``measure`` and to overrides.
+    - Winograd F(4x4,3x3) for big float 3x3 stride-1 layers: >= 128 input channels, output
+      >= 28 wide, >= 1e8 multiply-adds per output pixel-channel-product (in x out x oh x
+      ow). Measured (bench/conv_algorithms.md, AVX-512, 2 threads; Winograd / direct, ms):
+      VGG-19 256->256 at 56x56 7.25 / 10.31, 512->512 at 28x28 7.91 / 9.58, 128->128 at
+      112x112 9.98 / 10.82; it lost on every ResNet-50 3x3 layer (128->128 at 28x28 0.75 /
+      0.59, 256->256 at 14x14 0.69 / 0.59) and on VGG-19's 512->512 at 14x14 (2.53 / 2.39).
+      Each Winograd kernel costs 3-4 s of compile time;
+    - otherwise direct.
     """
     pointwise = conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
     out_channels, in_channels = conv.weight.shape[:2]
@@ -99,9 +103,18 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
              or not conv_blocked.eligible(conv, weight_block))
     ):
         return ConvAlgorithm.GEMM
+    oh, ow = conv.output_hw
+    if (
+        weight_block is not None
+        and not conv.is_integer
+        and winograd.eligible(conv)
+        and in_channels >= 128
+        and ow >= 28
+        and in_channels * out_channels * oh * ow >= 1e8
+    ):
+        return ConvAlgorithm.WINOGRAD4
     if conv_blocked.eligible(conv, weight_block) or not conv_to_gemm.eligible(conv):
         return ConvAlgorithm.DIRECT
-    oh, ow = conv.output_hw
     if conv.strides != (1, 1) or max(conv.kernel) >= 5:
         return ConvAlgorithm.GEMM if ow >= 14 else ConvAlgorithm.DIRECT
     if conv.kernel == (1, 1):

@@ -9,7 +9,7 @@ import tvm
 from tvm import relax
 from tvm.script import relax as R
 from tvmq.passes._conv import read_conv2d
-from tvmq.passes.conv_algorithm import ChooseConvAlgorithm, ConvAlgorithm, ConvPolicy
+from tvmq.passes.conv_algorithm import ChooseConvAlgorithm, ConvAlgorithm, ConvPolicy, predict
 from tvmq.passes.conv_to_gemm import ConvToGemm, gemm, im2col
 from tvmq.passes.winograd import ConvToWinograd, transform_weight, winograd_compute
 
@@ -191,3 +191,18 @@ def test_read_conv2d_ignores_integer_convs():
         out = builder.emit(call)
         builder.emit_func_output(out)
     assert read_conv2d(builder.get()["main"].body.blocks[0].bindings[0].value) is None
+
+
+@pytest.mark.parametrize("in_channels, out_channels, size, want", [
+    (256, 256, 56, "winograd4"),   # VGG-19: 7.25 ms against 10.31 direct
+    (512, 512, 28, "winograd4"),
+    (128, 128, 28, "direct"),      # ResNet-50: 0.75 against 0.59
+    (512, 512, 14, "direct"),      # too narrow
+    (64, 128, 112, "direct"),      # too few input channels
+])
+def test_predict_takes_winograd_for_big_3x3_layers(in_channels, out_channels, size, want):
+    x = relax.Var("x", relax.TensorType((1, in_channels, size, size), "float32"))
+    w = np.zeros((out_channels, in_channels, 3, 3), np.float32)
+    conv = read_conv2d(relax.op.nn.conv2d(x, relax.const(w), (1, 1), (1, 1, 1, 1)))
+    assert predict(conv, weight_block=32) == want
+    assert predict(conv, weight_block=None) != "winograd4"   # GPUs: no CPU Winograd schedule
