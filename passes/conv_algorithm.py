@@ -106,8 +106,7 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
     oh, ow = conv.output_hw
     if (
         weight_block is not None
-        and not conv.is_integer
-        and winograd.eligible(conv)
+        and ConvAlgorithm.WINOGRAD4 in candidates(conv)
         and in_channels >= 128
         and ow >= 28
         and in_channels * out_channels * oh * ow >= 1e8

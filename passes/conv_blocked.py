@@ -21,8 +21,6 @@ from ._conv import KERNEL_ATTR, Conv2D, IntDot
 
 KERNEL_NAME = "conv2d_blocked"
 DEPTHWISE_NAME = "conv2d_depthwise"
-# The depthwise kernel's input plane: its row width (schedules/cpu_conv.py splits its rows).
-PLANE_WIDTH_ATTR = "tvmq.plane_width"
 
 
 # (data, output) dtypes the kernel computes: float32, and the int8/uint8 x int8 -> int32
@@ -97,8 +95,7 @@ def conv2d_depthwise(data, weight, strides, padding, dilation, out_dtype: str, l
         inside = tvm.tirx.all(y >= 0, y < height, x >= 0, x < width)
         return tvm.tirx.if_then_else(inside, data[n, c, y, x], zero)
 
-    plane = te.compute((batch, channels, sh, sw, rows * wq), plane_value, name="data_plane",
-                       attrs={PLANE_WIDTH_ATTR: wq})
+    plane = te.compute((batch, channels, sh, sw, rows * wq), plane_value, name="data_plane")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     out = te.compute(

@@ -94,16 +94,20 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 
 def schedule_tile_epilogue(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Vectorize the innermost loop of an epilogue that was moved under a tile loop."""
+    """Vectorize the innermost loop of an epilogue that was moved under a tile loop: by
+    ``lanes``, whole if at most two vectors long, else by its largest divisor up to two
+    vectors (a 56-wide row as two 28-wide vectors)."""
     loops = sch.get_loops(block)
     extent = loop_extent(sch, loops[-1]) if loops else None
     if extent is None or extent < 2:
         return
-    if extent > lanes and extent % lanes == 0:
-        _, vector = sch.split(loops[-1], factors=[None, lanes])
-        sch.vectorize(vector)
-    elif extent <= 2 * lanes:
+    if extent <= 2 * lanes:
         sch.vectorize(loops[-1])
+        return
+    step = lanes if extent % lanes == 0 else max(
+        d for d in range(1, 2 * lanes + 1) if extent % d == 0)
+    if step > 1:
+        sch.vectorize(sch.split(loops[-1], factors=[None, step])[1])
 
 
 def annotated_block(sch: s_tir.Schedule, blocks: list, attr: str, value: str) -> int | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME, PLANE_WIDTH_ATTR
+from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME
 from tvmq.passes.conv_to_gemm import POINTWISE_NAME, pointwise_image_rows, pointwise_vectors
 
 from . import int8_dot
@@ -155,21 +155,18 @@ class DepthwiseConv(CPUScheduleRule):
         sch.vectorize(p_lanes)
         sch.decompose_reduction(main, ry)
         sch.reverse_compute_at(epilogue, channel)
-        *_, x = sch.get_loops(epilogue)
-        width = loop_extent(sch, x)
-        if width is not None and width > 1:
-            step = lanes if width % lanes == 0 else max(
-                d for d in _divisors(width) if d <= 2 * lanes)
-            if step > 1:
-                sch.vectorize(sch.split(x, factors=[None, step])[1])
+        schedule_tile_epilogue(sch, epilogue, lanes)
+        # The kernel's input plane (the prologue block it reads) is copied per channel, in
+        # rows as wide as the flattened output's (``extents[1]``).
+        reads = [region.source for region in sch.get(main).reads]
         for earlier in prologue:
-            row = sch.get(earlier).annotations.get(PLANE_WIDTH_ATTR)
-            if row is None:
+            written = sch.get(earlier).writes[0].source
+            if not any(written.same_as(read) for read in reads):
                 schedule_injective(sch, earlier, lanes)
                 continue
             sch.compute_at(earlier, channel)
             q = sch.get_loops(earlier)[-1]
-            _, j = sch.split(q, factors=[None, int(row)])
+            _, j = sch.split(q, factors=[None, extents[1]])
             sch.vectorize(j)
         return sch
 

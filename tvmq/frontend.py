@@ -176,6 +176,8 @@ _PAIRWISE = {"Sum": relax.op.add, "Max": relax.op.maximum, "Min": relax.op.minim
 
 def _clip_bounds(inputs, attrs, opset: int) -> tuple[float, float] | None:
     """(low, high) of a float Clip whose bounds are constants (missing: infinite), or None."""
+    from .passes._qdq import scalar  # the passes import this module: not at module level
+
     data = inputs[0]
     if not isinstance(getattr(data, "ty", None), relax.TensorType) or not str(
         data.ty.dtype
@@ -184,14 +186,12 @@ def _clip_bounds(inputs, attrs, opset: int) -> tuple[float, float] | None:
     if opset < 11:
         return float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))
     bounds = []
-    for bound, missing in zip((*inputs[1:3], None, None)[:2], (-np.inf, np.inf), strict=True):
-        if bound is None:
-            bounds.append(missing)
-            continue
-        if not isinstance(bound, tvm.ir.expr.Constant) or bound.value.numpy().size != 1:
+    for index, missing in ((1, -np.inf), (2, np.inf)):
+        bound = inputs[index] if index < len(inputs) else None
+        value = missing if bound is None else scalar(bound)
+        if value is None:
             return None
-        value = float(bound.value.numpy().reshape(()))
-        bounds.append(missing if np.isnan(value) else value)
+        bounds.append(missing if np.isnan(value) else float(value))
     return bounds[0], bounds[1]
 
 
