@@ -3,11 +3,16 @@
 Every latency is a median measured in this run on this machine, batch 1, with ONNX Runtime
 measured beside tvmq; ratios are against ONNX Runtime FP32 (> 1 means faster than it).
 Accuracy is reported where the model has real data (the bundled digits). Mixed INT4/INT8
-builds run at each ``--budgets`` size budget. Writes ``bench/NAME.md`` and
-``bench/NAME.json`` (``--name``, default ``results``) and prints the table.
+builds run at each ``--budgets`` size budget. ``tvmq-fp32`` and ``tvmq-int8`` are untuned
+(default schedules only); the ``-shipped`` builds are what ``tvmq compile`` gives by default
+(with the tuning records shipped for this CPU, ``schedules/shipped.py``). ``--tune-trials
+100,400`` also tunes FP32 and INT8 in this run (``tvmq tune``, continuing the same records
+to each trial count) and times the build at each count: latency against trials spent,
+with the tuning wall time. Writes ``bench/NAME.md`` and ``bench/NAME.json`` (``--name``,
+default ``results``) and prints the tables.
 
     python -m bench.run [--models digits,resnet50,...] [--builds tvmq-fp32,tvmq-int8]
-                        [--budgets 0.6,0.8] [--repeat N]
+                        [--budgets 0.6,0.8] [--tune-trials 100,400] [--repeat N]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+from tvmq.schedules.tune import tune
 
 import tvmq
 from tvmq.config import BUILT_QUANTIZE_MODES, QuantizeMode
@@ -38,6 +44,8 @@ class Cell:
     size_bytes: int | None = None
     accuracy: float | None = None
     note: str = ""
+    trials: int | None = None  # tuned builds: measurements spent in tvmq tune
+    tuning_s: float | None = None  # tuned builds: tuning wall time to get there
 
 
 def _models() -> dict[str, Callable[[str], str]]:
@@ -110,19 +118,26 @@ def _accuracy(predict: Callable[[np.ndarray], np.ndarray]) -> float:
     return hits / len(labels)
 
 
-def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, str | None]]:
-    """(label, mode, size budget) of each tvmq build: FP32, INT8, INT4 (W4A8), and mixed
-    INT4/INT8 at each size budget (a fraction of the INT8 weight bytes)."""
+def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, str | None, bool]]:
+    """(label, mode, size budget, shipped records) of each tvmq build: FP32 and INT8 without
+    and with the shipped tuning records, INT4 (W4A8), and mixed INT4/INT8 at each size budget
+    (a fraction of the INT8 weight bytes)."""
     return [
-        ("tvmq-fp32", QuantizeMode.NONE, None),
-        ("tvmq-int8", QuantizeMode.INT8, None),
-        ("tvmq-int4", QuantizeMode.INT4, None),
-        *((f"tvmq-mixed-{b}", QuantizeMode.MIXED, b) for b in budgets),
+        ("tvmq-fp32", QuantizeMode.NONE, None, False),
+        ("tvmq-fp32-shipped", QuantizeMode.NONE, None, True),
+        ("tvmq-int8", QuantizeMode.INT8, None, False),
+        ("tvmq-int8-shipped", QuantizeMode.INT8, None, True),
+        ("tvmq-int4", QuantizeMode.INT4, None, True),
+        *((f"tvmq-mixed-{b}", QuantizeMode.MIXED, b, True) for b in budgets),
     ]
 
 
+# The builds --tune-trials tunes: label prefix and mode.
+TUNED = (("tvmq-fp32-tuned", QuantizeMode.NONE), ("tvmq-int8-tuned", QuantizeMode.INT8))
+
+
 def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str],
-                builds: set[str] | None = None) -> list[Cell]:
+                builds: set[str] | None = None, tune_trials: list[int] = ()) -> list[Cell]:
     session = _ort_session(path)
     feed = {i.name: np.random.default_rng(0).random(
         [d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)
@@ -147,37 +162,58 @@ def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str]
     except Exception as err:  # the peer failing on a model is a result, not a crash
         cell = Cell("ort-int8", note=f"failed: {type(err).__name__}")
     cells.append(cell)
-    for label, mode, budget in tvmq_builds(budgets):
-        if builds is not None and label not in builds:
-            continue
-        if mode not in BUILT_QUANTIZE_MODES:
-            cells.append(Cell(label, note="not built yet"))
-            continue
+    def build(label: str, mode: QuantizeMode, **options) -> Cell:
         _progress(f"{name}: {label} compile")
         artifact = os.path.join(work, f"{name}-{label}.tar")
-        options = {} if mode is QuantizeMode.NONE else {
-            "quantize": mode.value, "calibration_data": calibration}
-        if mode is QuantizeMode.MIXED:
-            options["size_budget"] = budget  # INT4/INT8 per layer within this of INT8 bytes
+        if mode is not QuantizeMode.NONE:
+            options.update(quantize=mode.value, calibration_data=calibration)
         try:
             start = time.perf_counter()
             tvmq.compile(path, target="x86", **options).export(artifact)
             compile_s = time.perf_counter() - start
         except tvmq.TvmqError as err:
-            cells.append(Cell(label, note=f"failed: {err}"))
-            continue
+            return Cell(label, note=f"failed: {err}")
         model = tvmq.runtime.load(artifact)
         _progress(f"{name}: {label} run ({compile_s:.0f} s to compile)")
         result = model.benchmark(repeat=repeat, number=max(1, 50 // repeat), inputs=feed)
         cell = Cell(label, result.median_ms, os.path.getsize(artifact))
         if path == DIGITS_MODEL:
             cell.accuracy = _accuracy(lambda x, m=model: next(iter(m.run(input=x).values())))
-        cells.append(cell)
+        return cell
+
+    for label, mode, budget, shipped in tvmq_builds(budgets):
+        if builds is not None and label not in builds:
+            continue
+        if mode not in BUILT_QUANTIZE_MODES:
+            cells.append(Cell(label, note="not built yet"))
+            continue
+        options = {"shipped_records": shipped}
+        if mode is QuantizeMode.MIXED:
+            options["size_budget"] = budget  # INT4/INT8 per layer within this of INT8 bytes
+        cells.append(build(label, mode, **options))
+    for prefix, mode in TUNED:
+        if not tune_trials or (builds is not None and prefix not in builds):
+            continue
+        records = os.path.join(work, f"{name}-{prefix}-records")
+        config = tvmq.CompileConfig(
+            quantize=mode, calibration_data=None if mode is QuantizeMode.NONE else calibration)
+        spent = 0.0
+        for trials in sorted(tune_trials):
+            _progress(f"{name}: {prefix} tune to {trials} trials")
+            start = time.perf_counter()
+            tune(path, target="x86", records=records, trials=trials, config=config,
+                      progress=False)
+            spent += time.perf_counter() - start
+            # The build's own records only: what tuning in this run reached.
+            cell = build(f"{prefix}-{trials}", mode, tuning_records=records,
+                         shipped_records=False)
+            cell.trials, cell.tuning_s = trials, spent
+            cells.append(cell)
     return cells
 
 
 def markdown(results: dict[str, list[Cell]], budgets: list[str]) -> str:
-    builds = ["ort-fp32", "ort-int8", *(label for label, _, _ in tvmq_builds(budgets))]
+    builds = ["ort-fp32", "ort-int8", *(label for label, *_ in tvmq_builds(budgets))]
     lines = [
         "| model | " + " | ".join(builds) + " |",
         "|---|" + "---|" * len(builds),
@@ -199,7 +235,25 @@ def markdown(results: dict[str, list[Cell]], budgets: list[str]) -> str:
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines.append("")
     lines.append("Latency: batch 1 median on this machine, same run; (Nx) = ONNX Runtime FP32 "
-                 "latency / this latency. Sizes: ONNX file or tvmq artifact.")
+                 "latency / this latency. Sizes: ONNX file or tvmq artifact. tvmq-fp32 / "
+                 "tvmq-int8: default schedules only; -shipped (and int4, mixed): with the "
+                 "tuning records shipped for this CPU, as tvmq compile builds by default.")
+    tuned = [(name, c) for name, cells in results.items() for c in cells if c.trials]
+    if tuned:
+        lines += ["", "Tuned in this run (tvmq tune, records continued to each trial count):",
+                  "", "| model | build | trials | tuning s | latency | vs ORT FP32 | vs ORT INT8 |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, c in tuned:
+            by_build = {b.build: b for b in results[name]}
+            if c.latency_ms is None:
+                lines.append(f"| {name} | {c.build} | {c.trials} | {c.tuning_s:.0f} | "
+                             f"{c.note} | - | - |")
+                continue
+            ratios = [f"{by_build[b].latency_ms / c.latency_ms:.2f}x"
+                      if by_build.get(b) and by_build[b].latency_ms else "-"
+                      for b in ("ort-fp32", "ort-int8")]
+            lines.append(f"| {name} | {c.build} | {c.trials} | {c.tuning_s:.0f} | "
+                         f"{c.latency_ms:.3f} ms | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -212,13 +266,17 @@ def main(argv=None) -> int:
                         help="size budgets of the mixed builds, comma-separated (e.g. 0.6,0.8)")
     parser.add_argument("--name", default="results",
                         help="file name (without extension) of the tables written to --out")
+    parser.add_argument("--tune-trials", default="",
+                        help="also tune FP32 and INT8 to these trial counts, comma-separated "
+                        "(e.g. 100,400); builds tvmq-fp32-tuned and tvmq-int8-tuned")
     parser.add_argument("--builds", default=None,
                         help="tvmq builds to run, comma-separated (e.g. tvmq-fp32,tvmq-int8; "
                         "default: all); ONNX Runtime FP32 and INT8 always run")
     args = parser.parse_args(argv)
     builders = _models()
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    labels = [label for label, _, _ in tvmq_builds(budgets)]
+    tune_trials = [int(t) for t in args.tune_trials.split(",") if t.strip()]
+    labels = [label for label, *_ in tvmq_builds(budgets)] + [prefix for prefix, _ in TUNED]
     builds = None
     if args.builds:
         builds = {b.strip() for b in args.builds.split(",") if b.strip()}
@@ -231,7 +289,7 @@ def main(argv=None) -> int:
             if name not in builders:
                 parser.error(f"unknown model {name!r}; choose from {', '.join(builders)}")
             results[name] = bench_model(name, builders[name](work), work, args.repeat,
-                                        budgets, builds)
+                                        budgets, builds, tune_trials)
     table = markdown(results, budgets)
     print(table)
     os.makedirs(args.out, exist_ok=True)

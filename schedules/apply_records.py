@@ -20,10 +20,12 @@ from tvm.s_tir import Schedule
 from .intrinsics import register_tensor_intrinsics
 from .records import FAILED_SECONDS, load_database
 from .verify import check_kernel, runs_here
-from .workloads import workload_of
+from .workloads import skeleton_of, workload_of
 
 # How many of a kernel's fastest records are tried before it falls back to its default.
 TOP_K = 3
+# Each kernel given a tuned schedule says where it came from (the manifest's "schedule").
+SCHEDULE_ATTR = "tvmq.schedule"
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningRecords")
@@ -39,14 +41,23 @@ class ApplyTuningRecords:
     verify : bool
         Check each record on random inputs before using it. Records for a target this
         machine cannot run are then not used at all (with a warning).
+    source : str
+        What the kernels' ``tvmq.schedule`` attribute says: ``tuned`` (the user's records)
+        or ``shipped`` (:mod:`tvmq.schedules.shipped`).
     """
 
     def __init__(
-        self, records_dir: str | os.PathLike, target: tvm.target.Target, *, verify: bool = True
+        self,
+        records_dir: str | os.PathLike,
+        target: tvm.target.Target,
+        *,
+        verify: bool = True,
+        source: str = "tuned",
     ) -> None:
         self.records_dir = str(records_dir)
         self.target = target
         self.verify = verify
+        self.source = source
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         database = load_database(self.records_dir)
@@ -75,14 +86,18 @@ class ApplyTuningRecords:
 
     def _tuned(self, name: str, func: tvm.tirx.PrimFunc, database) -> tvm.tirx.PrimFunc | None:
         workload_mod = workload_of(func)
-        if not database.has_workload(workload_mod):
-            return None
-        workload = database.commit_workload(workload_mod)
+        if database.has_workload(workload_mod):
+            workload = database.commit_workload(workload_mod)
+        else:
+            # The same kernel calibrated differently (other zero points, clamp bounds).
+            workload = _by_skeleton(self.records_dir, database).get(skeleton_of(workload_mod))
+            if workload is None:
+                return None
         for record in database.get_top_k(workload, TOP_K):
             if not record.run_secs or float(record.run_secs[0]) >= FAILED_SECONDS:
                 continue
             try:
-                schedule = Schedule(workload.mod)
+                schedule = Schedule(workload_mod)
                 record.trace.apply_to_schedule(schedule, remove_postproc=False)
             except Exception:
                 warnings.warn(
@@ -92,7 +107,7 @@ class ApplyTuningRecords:
                 continue
             scheduled = schedule.mod["main"]
             if self.verify:
-                check = check_kernel(workload.mod["main"], scheduled, target=self.target, name=name)
+                check = check_kernel(workload_mod["main"], scheduled, target=self.target, name=name)
                 if not check.ok:
                     warnings.warn(
                         f"the tuned schedule of kernel '{name}' computes wrong results "
@@ -100,8 +115,23 @@ class ApplyTuningRecords:
                         stacklevel=3,
                     )
                     continue
-            return _as_replacement(func, scheduled)
+            return _as_replacement(func, scheduled).with_attr(SCHEDULE_ATTR, self.source)
         return None
+
+
+def _by_skeleton(records_dir: str, database) -> dict:
+    """The database's workloads by :func:`skeleton_of`, computed once per loaded database."""
+    cached = _SKELETONS.get(records_dir)
+    if cached is None or cached[0] is not database:
+        index = {}
+        for record in database.get_all_tuning_records():
+            index.setdefault(skeleton_of(record.workload.mod), record.workload)
+        cached = _SKELETONS[records_dir] = (database, index)
+    return cached[1]
+
+
+# Per records directory: the database the index was made from, and the index.
+_SKELETONS: dict[str, tuple] = {}
 
 
 def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:

@@ -69,7 +69,7 @@ def repair(records_dir: str | os.PathLike) -> None:
     """
     for name in (WORKLOADS, RECORDS):
         path = os.path.join(records_dir, name)
-        _, good_bytes, dropped = _read(path)
+        _, good_bytes, dropped = read_lines(path)
         if dropped:
             with open(path, "r+b") as handle:
                 handle.truncate(good_bytes)
@@ -83,12 +83,12 @@ def repair(records_dir: str | os.PathLike) -> None:
 
 def measurements(records_dir: str | os.PathLike) -> list[Measurement]:
     """Every measurement in the directory, in the order it was made."""
-    workloads, _, _ = _read(os.path.join(records_dir, WORKLOADS))
+    workloads, _, _ = read_lines(os.path.join(records_dir, WORKLOADS))
     for number, line in enumerate(workloads, start=1):
         if not (isinstance(line, list) and len(line) == 2 and isinstance(line[1], str)):
             _corrupt(os.path.join(records_dir, WORKLOADS), number, "not a workload entry")
     path = os.path.join(records_dir, RECORDS)
-    lines, _, _ = _read(path)
+    lines, _, _ = read_lines(path)
     result = []
     for number, line in enumerate(lines, start=1):
         try:
@@ -105,7 +105,7 @@ def measurements(records_dir: str | os.PathLike) -> list[Measurement]:
 
 def workload_keys(records_dir: str | os.PathLike) -> list[str]:
     """The structural hash of each workload, in file order (records name them by index)."""
-    workloads, _, _ = _read(os.path.join(records_dir, WORKLOADS))
+    workloads, _, _ = read_lines(os.path.join(records_dir, WORKLOADS))
     return [str(line[0]) for line in workloads]
 
 
@@ -122,9 +122,31 @@ def open_database(records_dir: str | os.PathLike) -> ms.database.JSONDatabase:
 
 
 def load_database(records_dir: str | os.PathLike) -> ms.database.MemoryDatabase:
-    """A read-only in-memory copy of the directory, safe to take while a tuning run appends."""
-    workload_lines, _, _ = _read(os.path.join(records_dir, WORKLOADS))
-    record_lines, _, _ = _read(os.path.join(records_dir, RECORDS))
+    """A read-only in-memory copy of the directory, safe to take while a tuning run appends.
+
+    Loaded once per process while the files stay the same (every build on a VNNI machine
+    reads the shipped records)."""
+    stamp = []
+    for name in (WORKLOADS, RECORDS):
+        try:
+            info = os.stat(os.path.join(records_dir, name))
+            stamp.append((info.st_mtime_ns, info.st_size))
+        except OSError:
+            stamp.append(None)
+    path = os.path.abspath(records_dir)
+    cached = _LOADED.get(path)
+    if cached is None or cached[0] != stamp:
+        cached = _LOADED[path] = (stamp, _load_database(records_dir))
+    return cached[1]
+
+
+# Per directory: the files' (mtime, size) when loaded, and the database.
+_LOADED: dict[str, tuple[list, ms.database.MemoryDatabase]] = {}
+
+
+def _load_database(records_dir: str | os.PathLike) -> ms.database.MemoryDatabase:
+    workload_lines, _, _ = read_lines(os.path.join(records_dir, WORKLOADS))
+    record_lines, _, _ = read_lines(os.path.join(records_dir, RECORDS))
     measurements(records_dir)
     database = ms.database.MemoryDatabase()
     try:
@@ -143,7 +165,7 @@ def load_database(records_dir: str | os.PathLike) -> ms.database.MemoryDatabase:
     return database
 
 
-def _read(path: str) -> tuple[list, int, bool]:
+def read_lines(path: str) -> tuple[list, int, bool]:
     """The parsed lines of a JSON-lines file, the byte length of its complete lines, and
     whether an incomplete last line was left out."""
     if not os.path.exists(path):

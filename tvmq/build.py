@@ -34,6 +34,7 @@ def compile(
     target: str | Mapping[str, Any] | targets.TargetPreset = "x86",
     quantize: QuantizeMode | str | None = None,
     tuning_records: str | None = None,
+    shipped_records: bool = True,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     disabled_passes: Sequence[str] = (),
     dump_ir: str | os.PathLike | None = None,
@@ -57,6 +58,9 @@ def compile(
     quantize : {"none", "int8", "int4", "mixed"}, optional
     tuning_records : str, optional
         A meta_schedule database directory; matching kernels take its schedules.
+    shipped_records : bool
+        Whether kernels the records do not cover may take the schedules tuned for the
+        target and shipped with tvmq (see :mod:`tvmq.schedules.shipped`).
     input_shapes : mapping, optional
         Static shapes for inputs with symbolic dimensions (only with a file path).
     disabled_passes : sequence of str
@@ -86,6 +90,7 @@ def compile(
         quantize=QuantizeMode(quantize) if quantize else QuantizeMode.NONE,
         disabled_passes=tuple(disabled_passes),
         tuning_records=tuning_records,
+        shipped_records=shipped_records,
         qconfig=qconfig,
         calibration_data=calibration_data,
         conv_algorithm=conv_algorithm,

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize-report", metavar="FILE.json",
                    help="write the per-layer quantization report (scales, bits, SQNR)")
     c.add_argument("--tuning-records", help="a tvmq tune --records directory")
+    c.add_argument("--no-shipped-records", dest="shipped_records", action="store_false",
+                   help="do not apply the tuning records shipped for the target")
     c.add_argument("--dump-ir", metavar="DIR", help="write the module after each pass")
     c.add_argument("-o", "--output", required=True, help="the artifact to write (.tar)")
     c.set_defaults(func=_compile)
@@ -195,6 +197,7 @@ def _compile(args) -> int:
         input_shapes=args.input_shapes,
         quantize_report=args.quantize_report,
         tuning_records=args.tuning_records,
+        shipped_records=args.shipped_records,
         dump_ir=args.dump_ir,
         **_graph_options(args),
     )

@@ -41,6 +41,9 @@ class CompileConfig:
         ``--disabled-pass``: names of pipeline passes to leave out.
     tuning_records : str, optional
         ``--tuning-records``: a meta_schedule database directory whose records apply.
+    shipped_records : bool
+        Apply the records shipped for the target (``schedules/shipped.py``) to kernels the
+        user's records do not cover; ``--no-shipped-records`` turns them off.
     qconfig : QConfig, optional
         How ``--quantize int8`` quantizes (default ``QConfig()``).
     calibration_data : path, iterable of dicts or CalibrationSet, optional
@@ -58,6 +61,7 @@ class CompileConfig:
     quantize: QuantizeMode = QuantizeMode.NONE
     disabled_passes: tuple[str, ...] = field(default_factory=tuple)
     tuning_records: str | None = None
+    shipped_records: bool = True
     qconfig: QConfig | None = None
     calibration_data: Any = None
     conv_algorithm: ConvPolicy = ConvPolicy.PREDICT

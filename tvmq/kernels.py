@@ -13,6 +13,7 @@ import tvm
 from tvm import tirx
 
 from .passes.conv_to_gemm import POINTWISE_NAME
+from .schedules.apply_records import SCHEDULE_ATTR
 
 KERNEL_ORIGINS_ATTR = "tvmq.kernel_origins"
 ALGORITHM_ATTR = "tvmq.algorithm"
@@ -33,6 +34,8 @@ def kernel_table(mod: tvm.IRModule) -> dict[str, dict[str, Any]]:
             "bytes": _bytes(func),
             "precision": _precision(name, func),
             "algorithm": _algorithm(name, func),
+            # tuned (--tuning-records), shipped (schedules/tuned/) or default.
+            "schedule": str((func.attrs or {}).get(SCHEDULE_ATTR, "default")),
         }
     return table
 

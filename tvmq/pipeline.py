@@ -36,6 +36,8 @@ from .qconfig import QConfig
 from .schedules import default_schedule_passes
 from .schedules.apply_records import ApplyTuningRecords
 from .schedules.cpu_common import weight_block
+from .schedules.shipped import shipped_records
+from .schedules.verify import runs_here
 
 # The TVM backend module whose stage functions lower a module for each target kind.
 _BACKENDS: dict[str, ModuleType] = {
@@ -186,10 +188,17 @@ def _layer_measure(config: CompileConfig, preset):
 
 
 def _tuning_passes(config: CompileConfig, target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    if config.tuning_records is None:
-        return []
-    # Kernels with a tuned record take its schedule, once it is checked on random inputs.
-    return [ApplyTuningRecords(config.tuning_records, target)]
+    # Kernels with a tuned record take its schedule, once it is checked on random inputs:
+    # the user's records first, then those shipped for the target. Shipped records were
+    # checked when they were made (tests/test_shipped.py), so a cross build uses them too.
+    passes = []
+    if config.tuning_records is not None:
+        passes.append(ApplyTuningRecords(config.tuning_records, target))
+    shipped = shipped_records(target) if config.shipped_records else None
+    if shipped is not None:
+        passes.append(ApplyTuningRecords(shipped, target, verify=runs_here(target),
+                                         source="shipped"))
+    return passes
 
 
 def _without(passes: list[tvm.transform.Pass], disabled: tuple[str, ...]) -> list:

@@ -48,6 +48,7 @@ class KernelRow:
     nodes: tuple[str, ...]
     precision: str
     algorithm: str
+    schedule: str = "default"  # tuned (--tuning-records), shipped or default
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,14 @@ class Profile:
         lines = [
             f"profile of {self.artifact} (target {self.target})",
             f"{'kernel':<40} {'calls':>5} {'ms':>9} {'share':>6} {'GOP/s':>8} {'peak':>6} "
-            f"{'prec':>5} {'algo':>9}  nodes",
+            f"{'prec':>5} {'algo':>9} {'sched':>7}  nodes",
         ]
         for r in self.rows:
             nodes = ", ".join(r.nodes[:3]) + (" ..." if len(r.nodes) > 3 else "")
             lines.append(
                 f"{r.name[:40]:<40} {r.calls:>5} {r.time_ms:>9.4f} {r.share * 100:>5.1f}% "
                 f"{r.throughput_gops:>8.2f} {r.peak_fraction * 100:>5.1f}% {r.precision:>5} "
-                f"{r.algorithm:>9}  {nodes}"
+                f"{r.algorithm:>9} {r.schedule:>7}  {nodes}"
             )
         lines.append(
             f"sum of kernels {self.kernels_ms:.4f} ms, end to end {self.end_to_end_ms:.4f} ms "
@@ -146,6 +147,7 @@ def profile(
                 nodes=tuple(info.get("nodes", ())),
                 precision=precision,
                 algorithm=info.get("algorithm", "-"),
+                schedule=info.get("schedule", "default"),
             )
         )
     rows.append(
@@ -155,7 +157,7 @@ def profile(
             time_ms=runtime_ms,
             share=runtime_ms / total if total else 0.0,
             ops=0, bytes=0, throughput_gops=0.0, peak_fraction=0.0,
-            nodes=(), precision="-", algorithm="runtime",
+            nodes=(), precision="-", algorithm="runtime", schedule="-",
         )
     )
     size = os.path.getsize(source) if os.path.isfile(source) else 0

@@ -115,7 +115,7 @@ def html_report(profile: Profile, baselines=(), accuracy: dict[str, float] | Non
 
 def _kernel_table(profile: Profile) -> str:
     head = ("kernel", "calls", "ms", "share", "GOP/s", "% peak", "precision", "algorithm",
-            "nodes")
+            "schedule", "nodes")
     rows = ["<table id='kernels'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in profile.rows:
         cells = [
@@ -123,7 +123,7 @@ def _kernel_table(profile: Profile) -> str:
             f"<td>{r.time_ms:.4f}</td>", f"<td>{r.share * 100:.1f}%</td>",
             f"<td>{r.throughput_gops:.2f}</td>", f"<td>{r.peak_fraction * 100:.1f}%</td>",
             f"<td>{r.precision}</td>", f"<td>{r.algorithm}</td>",
-            f"<td class='l'>{html.escape(', '.join(r.nodes))}</td>",
+            f"<td>{r.schedule}</td>", f"<td class='l'>{html.escape(', '.join(r.nodes))}</td>",
         ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return "\n".join([*rows, "</table>"])

@@ -1,0 +1,115 @@
+"""Shipped tuning records: pruned to real gains, matched to targets, checked, applied."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from tvm.s_tir import Schedule
+from tvmq.schedules.records import RECORDS, WORKLOADS, load_database, measurements, read_lines
+from tvmq.schedules.shipped import MIN_GAIN, TUNED_DIR, ship, shipped_records
+from tvmq.schedules.tune import tune
+from tvmq.schedules.verify import check_kernel
+
+import tvmq
+from tvmq import targets
+
+VNNI = targets.resolve("x86-vnni")
+needs_vnni = pytest.mark.skipif(not VNNI.runs_here(), reason="needs an AVX-512 VNNI CPU")
+
+
+def _target(name: str) -> tvm.target.Target:
+    return targets.resolve(name).tvm_target()
+
+
+def test_the_vnni_set_serves_vnni_targets_only():
+    vnni = os.path.join(TUNED_DIR, "x86-vnni")
+    assert shipped_records(_target("x86-vnni")) == vnni
+    assert shipped_records(_target("x86-avx2")) is None  # lacks AVX-512: its kernels differ
+    assert shipped_records(_target("aarch64-dotprod")) is None
+    assert shipped_records(_target("cuda-sm80")) is None
+    if VNNI.runs_here():
+        assert shipped_records(_target("x86")) == vnni  # this host has every VNNI feature
+
+
+def test_ship_keeps_only_records_that_beat_the_default(tiny_model_path, tmp_path):
+    source = tmp_path / "tuned"
+    tune(tiny_model_path, target="x86", records=source, trials=3, progress=False)
+    # One record per kernel, its default; add searched ones with known times (seconds).
+    lines, _, _ = read_lines(str(source / RECORDS))
+    assert [line[0] for line in lines] == [0, 1, 2]
+
+    def record(workload: int, seconds: list[float]) -> str:
+        trace, _, *rest = lines[workload][1]
+        return json.dumps([workload, [trace, seconds, *rest]])
+
+    default = {0: 1.0, 1: 1.0, 2: 1.0}
+    searched = [
+        (0, [0.5]), (0, [0.7]), (0, [0.6]),  # kernel 0: two best kept, fastest first
+        (1, [1.0 - MIN_GAIN / 2]),  # kernel 1: within the noise of its default, not shipped
+        (2, [1e10]),  # kernel 2: a failed build, never shipped
+    ]
+    with open(source / RECORDS, "w") as handle:
+        for workload, seconds in default.items():
+            handle.write(record(workload, [seconds]) + "\n")
+        for workload, seconds in searched:
+            handle.write(record(workload, seconds) + "\n")
+
+    destination = tmp_path / "shipped"
+    assert ship([str(source)], str(destination)) == {"kernels": 3, "shipped": 1}
+    kept = measurements(destination)
+    assert [(m.workload, m.seconds) for m in kept] == [(0, 0.5), (0, 0.6)]
+    workloads, _, _ = read_lines(str(destination / WORKLOADS))
+    original, _, _ = read_lines(str(source / WORKLOADS))
+    assert workloads == [original[0]]
+    # A second source with a faster record for the same kernel merges into it.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / WORKLOADS).write_text(json.dumps(original[0]) + "\n")
+    (other / RECORDS).write_text(record(0, [2.0]) + "\n" + record(0, [0.4]) + "\n")
+    ship([str(source), str(other)], str(destination))
+    assert [m.seconds for m in measurements(destination)] == [0.4, 0.5]
+
+
+@needs_vnni
+def test_every_shipped_record_applies_and_computes_its_kernel():
+    """What lets a cross build use the shipped records without checking them itself."""
+    directory = shipped_records(_target("x86-vnni"))
+    database = load_database(directory)
+    records = database.get_all_tuning_records()
+    assert records, "the x86-vnni set is empty"
+    target = _target("x86-vnni")
+    for record in records:
+        schedule = Schedule(record.workload.mod)
+        record.trace.apply_to_schedule(schedule, remove_postproc=False)
+        check = check_kernel(record.workload.mod["main"], schedule.mod["main"], target=target)
+        assert check.ok, check.detail
+
+
+@needs_vnni
+def test_mobilenet_v2_takes_shipped_schedules_and_stays_right(tmp_path):
+    """The benchmark's MobileNetV2 (tuned for the set) gets shipped schedules, exactly where
+    its kernels match, and computes what ONNX Runtime does; --no-shipped-records opts out."""
+    from conftest import reference, relative_error
+
+    from tvmq.models import mobilenet_v2
+
+    model = mobilenet_v2()
+    path = tmp_path / "mobilenet_v2.onnx"
+    onnx.save(model, path)
+    artifact = tvmq.compile(str(path), target="x86")
+    schedules = [k["schedule"] for k in artifact.manifest["kernels"].values()]
+    assert schedules.count("shipped") >= 1
+    assert set(schedules) <= {"shipped", "default"}
+    x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    artifact.export(tmp_path / "m.tar")
+    (actual,) = tvmq.runtime.load(tmp_path / "m.tar").run(input=x).values()
+    assert relative_error(actual, reference(model, {"input": x})[0]) < 1e-4
+
+    config = tvmq.CompileConfig(shipped_records=False)
+    names = [p.info.name for p in tvmq.pipeline("x86", config)]
+    assert "ApplyTuningRecords" not in names
