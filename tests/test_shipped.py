@@ -113,3 +113,45 @@ def test_mobilenet_v2_takes_shipped_schedules_and_stays_right(tmp_path):
     config = tvmq.CompileConfig(shipped_records=False)
     names = [p.info.name for p in tvmq.pipeline("x86", config)]
     assert "ApplyTuningRecords" not in names
+
+
+def test_int8_records_serve_a_build_calibrated_on_other_data(tiny_model_path, tmp_path):
+    """An INT8 kernel's zero points and clamp bounds are immediates that calibration chooses:
+    records tuned under one calibration still apply under another (by skeleton), checked."""
+    from tvmq.schedules.workloads import kernels, skeleton_of
+
+    def calibration(seed: int, scale: float):
+        rng = np.random.default_rng(seed)
+        return [{"x": (rng.normal(size=(1, 1, 8, 8)) * scale + scale).astype(np.float32)}
+                for _ in range(4)]
+
+    tuned_on = tvmq.CompileConfig(quantize="int8", calibration_data=calibration(0, 1.0))
+    built_on = tvmq.CompileConfig(quantize="int8", calibration_data=calibration(1, 3.0))
+    records = tmp_path / "records"
+    result = tune(tiny_model_path, target="x86", records=records, trials=8, config=tuned_on,
+                  progress=False)
+
+    def fused(config):
+        from tvmq.schedules.tune import _fused
+
+        return kernels(_fused(tiny_model_path, targets.resolve("x86"), config, None))
+
+    mine, theirs = fused(tuned_on), fused(built_on)
+    assert {k.key for k in theirs} - {k.key for k in mine}  # some match by skeleton only
+    assert {skeleton_of(k.workload) for k in mine} == {skeleton_of(k.workload) for k in theirs}
+
+    artifact = tvmq.compile(tiny_model_path, target="x86", tuning_records=str(records),
+                            shipped_records=False, quantize="int8",
+                            calibration_data=calibration(1, 3.0))
+    schedules = {name: k["schedule"] for name, k in artifact.manifest["kernels"].items()}
+    tuned = [name for name, s in schedules.items() if s == "tuned"]
+    assert all(k.best_ms is not None for k in result.kernels)
+    assert len(tuned) >= len(theirs)  # every kernel worth tuning took its record
+    x = calibration(2, 3.0)[0]["x"]
+    artifact.export(tmp_path / "m.tar")
+    untuned = tvmq.compile(tiny_model_path, target="x86", shipped_records=False,
+                           quantize="int8", calibration_data=calibration(1, 3.0))
+    untuned.export(tmp_path / "u.tar")
+    (got,) = tvmq.runtime.load(tmp_path / "m.tar").run(x=x).values()
+    (want,) = tvmq.runtime.load(tmp_path / "u.tar").run(x=x).values()
+    np.testing.assert_array_equal(got, want)  # integer kernels: a schedule changes nothing
