@@ -56,11 +56,15 @@ class ConvPolicy(StrEnum):
     WINOGRAD = "winograd"
 
 
-def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
+def candidates(conv: Conv2D, weight_block: int | None = None,
+               int_dot: IntDot = IntDot.WIDE) -> list[ConvAlgorithm]:
     result = [ConvAlgorithm.DIRECT]
     if conv.is_integer:
-        # Quantized layers keep the exact integer direct path (Winograd's transforms would
-        # round; GEMM measured slower than the blocked direct kernel everywhere).
+        # Quantized layers stay exact: the integer direct path, or the pointwise quad GEMM
+        # where it applies (1x1 uint8 layers on VNNI). Winograd's transforms would round;
+        # the generic GEMM measured slower than the blocked direct kernel everywhere.
+        if conv_to_gemm.pointwise_quad_rows(conv, weight_block, int_dot) is not None:
+            result.append(ConvAlgorithm.GEMM)
         return result
     if conv_to_gemm.eligible(conv):
         result.append(ConvAlgorithm.GEMM)
@@ -69,8 +73,15 @@ def candidates(conv: Conv2D) -> list[ConvAlgorithm]:
     return result
 
 
-def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
+def predict(conv: Conv2D, weight_block: int | None = None,
+            int_dot: IntDot = IntDot.WIDE) -> ConvAlgorithm:
     """The rule, fitted to ResNet-50's layers measured here (bench/conv_algorithms.py):
+
+    - uint8 1x1 layers on VNNI targets whose image splits into whole vectors of pixels
+      (28, 56, 112 wide): GEMM, the quad pointwise kernel (it beat the blocked direct int8
+      kernel on every such MobileNetV2 and ResNet-50 shape measured, 1.1-3.7x; numbers in
+      schedules/cpu_conv.py ``PointwiseQuadConv``). Padded to whole vectors (14x14, 7x7)
+      it measured 0.89-1.24x of direct (11 shapes), so those stay direct;
 
     - 1x1 stride-1 layers whose image splits into whole vectors of pixels, on CPUs (on
       AVX-512: 28, 56 and 112 wide, not 14 or 7): GEMM, the pointwise kernel, unless the
@@ -94,6 +105,11 @@ def predict(conv: Conv2D, weight_block: int | None = None) -> ConvAlgorithm:
       Each Winograd kernel costs 3-4 s of compile time;
     - otherwise direct.
     """
+    if conv.is_integer:
+        whole = weight_block is not None and conv_to_gemm.pointwise_image_rows(
+            *conv.output_hw, weight_block // 2) is not None
+        options = candidates(conv, weight_block, int_dot)
+        return ConvAlgorithm.GEMM if whole and ConvAlgorithm.GEMM in options else options[0]
     pointwise = conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
     out_channels, in_channels = conv.weight.shape[:2]
     if (
@@ -138,7 +154,7 @@ def emit(
             return conv_blocked.emit_depthwise(builder, conv, weight_block)
         return None
     if algorithm is ConvAlgorithm.GEMM:
-        return conv_to_gemm.emit_gemm(builder, conv, weight_block)
+        return conv_to_gemm.emit_gemm(builder, conv, weight_block, int_dot)
     if algorithm in (ConvAlgorithm.WINOGRAD2, ConvAlgorithm.WINOGRAD4):
         tile_size = 2 if algorithm is ConvAlgorithm.WINOGRAD2 else 4
         return winograd.emit_winograd(builder, conv, tile_size)
@@ -179,8 +195,9 @@ class ChooseConvAlgorithm:
 
         def rewrite(builder, conv: Conv2D, name: str):
             node = nodes.get(name, name)
-            options = candidates(conv)
-            predicted = predict(conv, self.weight_block) if len(options) > 1 else options[0]
+            options = candidates(conv, self.weight_block, self.int_dot)
+            predicted = (predict(conv, self.weight_block, self.int_dot) if len(options) > 1
+                         else options[0])
             times = {}
             algorithm = self._override(node, options)
             if algorithm is None:
@@ -257,9 +274,11 @@ class MeasurementCache:
 
     @staticmethod
     def key(target: str, conv: Conv2D, algorithm: ConvAlgorithm) -> str:
+        # Integer layers' kernels depend on their activations' dtype (uint8 quads, pairs).
+        dtype = (str(conv.data.ty.dtype),) if conv.is_integer else ()
         return "|".join(map(str, (
             target, conv.data_shape, conv.weight.shape, conv.strides, conv.padding,
-            conv.dilation, conv.groups, conv.out_dtype, algorithm.value,
+            conv.dilation, conv.groups, conv.out_dtype, algorithm.value, *dtype,
         )))
 
     def get(self, key: str) -> float | None:

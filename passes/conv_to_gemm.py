@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from ._conv import KERNEL_ATTR, Conv2D
+from ._conv import KERNEL_ATTR, Conv2D, IntDot
 from .winograd import rewrite_convolutions
 
 
@@ -27,17 +27,26 @@ POINTWISE_NAME = "conv2d_pointwise"
 
 
 def emit_gemm(
-    builder: relax.BlockBuilder, conv: Conv2D, weight_block: int | None = None
+    builder: relax.BlockBuilder, conv: Conv2D, weight_block: int | None = None,
+    int_dot: IntDot = IntDot.WIDE,
 ) -> relax.Expr:
     """The matmul form of ``conv`` (im2col kernel, if needed, added to ``builder``).
 
     On CPUs (``weight_block`` given), a pointwise float32 layer whose rows fill vectors
-    takes the row-blocked kernel (``pointwise_blocked``) instead of the generic one.
+    takes the row-blocked kernel (``pointwise_blocked``) instead of the generic one, and a
+    pointwise uint8 layer on a VNNI target its quad form (``pointwise_quads``).
     """
     out_channels, in_channels, kh, kw = conv.weight.shape
     batch = conv.data_shape[0]
     oh, ow = conv.output_hw
     pointwise = (kh, kw) == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
+    quad_rows = pointwise_quad_rows(conv, weight_block, int_dot)
+    if quad_rows is not None:
+        lanes = weight_block // 2
+        pixels = -(-oh * ow // lanes) * lanes
+        return builder.call_te(pointwise_quads, conv.data,
+                               relax.const(quad_weight(conv.weight, quad_rows)), pixels,
+                               primfunc_name_hint=POINTWISE_QUADS_NAME)
     rows = pointwise_rows(conv, weight_block) if pointwise else None
     if rows is not None:
         blocked = conv.weight.reshape(out_channels // rows, rows, in_channels)
@@ -76,14 +85,41 @@ def pointwise_rows(conv: Conv2D, weight_block: int | None) -> int | None:
     The tile is ``rows`` channels (each weight broadcast) by one or two vectors of the
     image's pixels (contiguous runs of whole image rows, ``pointwise_image_rows``).
     """
-    if weight_block is None or conv.out_dtype != "float32" or conv.is_integer:
+    if conv.out_dtype != "float32" or conv.is_integer:
+        return None
+    return _tile_rows(conv, weight_block)
+
+
+def pointwise_quad_rows(conv: Conv2D, weight_block: int | None, int_dot: IntDot) -> int | None:
+    """Output channels per register tile of the quad pointwise kernel (``pointwise_quads``),
+    or None: 1x1 stride-1 unpadded uint8 layers on a ``vpdpbusd`` target (16 int32 lanes).
+    Images that do not split into whole vectors (14x14, 7x7) are computed padded to them."""
+    pointwise = conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
+    if (not pointwise or conv.groups != 1 or not conv.is_integer or conv.out_dtype != "int32"
+            or int_dot.for_data(str(conv.data.ty.dtype)) is not IntDot.QUADS
+            or weight_block != 32):
+        return None
+    return _tile_rows(conv, weight_block, quad_tile_pixels(*conv.output_hw, weight_block // 2))
+
+
+def quad_tile_pixels(height: int, width: int, lanes: int) -> int:
+    """Pixels per tile of the quad pointwise kernel: whole image rows making whole vectors
+    (``pointwise_image_rows``), else the whole image padded to whole vectors."""
+    rows = pointwise_image_rows(height, width, lanes)
+    return rows * width if rows is not None else -(-height * width // lanes) * lanes
+
+
+def _tile_rows(conv: Conv2D, weight_block: int | None, pixels: int | None = None) -> int | None:
+    if weight_block is None:
         return None
     lanes = weight_block // 2
-    height, width = conv.output_hw
-    image_rows = pointwise_image_rows(height, width, lanes)
-    if image_rows is None:
-        return None
-    vectors = pointwise_vectors(image_rows * width, lanes)
+    if pixels is None:
+        height, width = conv.output_hw
+        image_rows = pointwise_image_rows(height, width, lanes)
+        if image_rows is None:
+            return None
+        pixels = image_rows * width
+    vectors = pointwise_vectors(pixels, lanes)
     # Accumulators: all vector registers but the pixel vectors, a broadcast and a spare
     # (AVX2 has 16 registers; AVX-512 and NEON 32).
     registers = 16 if lanes == 8 else 32
@@ -105,6 +141,61 @@ def pointwise_blocked(data, weight):
         name=POINTWISE_NAME,
         attrs={KERNEL_ATTR: POINTWISE_NAME},
     )
+
+
+POINTWISE_QUADS_NAME = "conv2d_pointwise_quads"
+
+
+def quad_weight(weight: np.ndarray, rows: int) -> np.ndarray:
+    """OIHW (1x1) int8 -> [O / rows, ceil(I / 4), rows, 4]: each output channel's weights in
+    quads of input channels (zeros past the last), ``rows`` channels per block."""
+    out_channels, in_channels = weight.shape[:2]
+    flat = weight.reshape(out_channels, in_channels)
+    flat = np.pad(flat, ((0, 0), (0, -in_channels % 4)))
+    quads = flat.reshape(out_channels // rows, rows, -1, 4)
+    return np.ascontiguousarray(quads.transpose(0, 2, 1, 3))
+
+
+def pointwise_quads(data, weight, pixels: int):
+    """out[n, oc, y, x] = sum_k data[n, k, y, x] * w[oc, k] for uint8 data and int8 weights
+    ([OC / R, K / 4, R, 4], ``quad_weight``), in int32, over the image flattened and padded
+    to ``pixels`` (whole vectors; the padding is computed on zeros and dropped).
+
+    The ``vpdpbusd`` form of the pointwise kernel: the input is copied to quads of channels
+    per pixel (``quads[n, k, p, i]`` = channel 4k + i of flattened pixel p), so 16 pixels'
+    quads are one 64-byte vector; each instruction multiplies them by one output channel's
+    broadcast quad of weights into 16 int32 pixels of that channel, contiguous in NCHW like
+    the float kernel's (``schedules/cpu_conv.py`` ``PointwiseConv``). The blocked direct
+    kernel puts output channels in the lanes instead, and then writes NCHW by transposing.
+    """
+    batch, channels, height, width = (int(d) for d in data.shape)
+    blocks, groups, rows, _ = (int(d) for d in weight.shape)
+    zero = tvm.tirx.const(0, data.dtype)
+
+    def quad(n, k, p, i):
+        c = 4 * k + i
+        inside = [c < channels] if channels % 4 else []
+        inside += [p < height * width] if pixels > height * width else []
+        if not inside:
+            return data[n, c, p // width, p % width]
+        value = data[n, tvm.tirx.min(c, channels - 1), tvm.tirx.min(p // width, height - 1),
+                     p % width]
+        return tvm.tirx.if_then_else(tvm.tirx.all(*inside), value, zero)
+
+    quads = te.compute((batch, groups, pixels, 4), quad, name="data_quads")
+    k = te.reduce_axis((0, groups), name="k")
+    i = te.reduce_axis((0, 4), name="i")
+    flat = te.compute(
+        (batch, blocks * rows, pixels),
+        lambda n, oc, p: te.sum(
+            quads[n, k, p, i].astype("int32") * weight[oc // rows, k, oc % rows, i].astype("int32"),
+            axis=[k, i],
+        ),
+        name=POINTWISE_QUADS_NAME,
+        attrs={KERNEL_ATTR: POINTWISE_QUADS_NAME},
+    )
+    return te.compute((batch, blocks * rows, height, width),
+                      lambda n, oc, y, x: flat[n, oc, y * width + x], name="unflatten")
 
 
 def gemm(weight, columns, output_hw, out_dtype: str):

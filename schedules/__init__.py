@@ -12,7 +12,7 @@ import tvm
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.schedule.schedule import ScheduleError
 
-from .cpu_conv import BlockedConv, DepthwiseConv, PointwiseConv
+from .cpu_conv import BlockedConv, DepthwiseConv, PointwiseConv, PointwiseQuadConv
 from .cpu_injective import InjectiveParallel
 from .cpu_matmul import BlockedMatmul
 from .cpu_tiling import MultiplyAccumulateTiling
@@ -35,6 +35,7 @@ def _cpu_rules():
         BlockedConv(),
         DepthwiseConv(),
         PointwiseConv(),
+        PointwiseQuadConv(),
         BlockedMatmul(),
         MultiplyAccumulateTiling(),
         dl.cpu.GEMV(),

@@ -33,6 +33,7 @@ from tvm.script import tirx as T
 PAIR_DOT_8x2 = "tvmq_int16_pair_dot_8x2_avx2"
 QUAD_DOT_16x4 = "tvmq_u8s8_quad_dot_16x4_vnni"
 SDOT_4x4 = "tvmq_s8s8_quad_dot_4x4_sdot"
+PIXEL_QUAD_DOT_16x4 = "tvmq_u8s8_pixel_quad_dot_16x4_vnni"
 
 
 def _dot_desc(lanes: int, group: int, a_dtype: str):
@@ -93,6 +94,45 @@ def _quad_dot(lanes: int, a_dtype: str, instruction: str):
             )
 
     return impl
+
+
+@T.prim_func(s_tir=True)
+def _pixel_quad_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 4):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _pixel_quad_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        quad = T.reinterpret(B.vload([0], dtype="int8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(A.vload([0, 0], dtype="uint8x64"), dtype="int8x64"),
+            T.reinterpret(T.broadcast(quad, 16), dtype="int8x64"), dtype="int32x16",
+        )
+
+
+def register_pixel_quads() -> str:
+    """Register the pixel-lane ``vpdpbusd`` of the quad pointwise kernel (16 pixels' uint8
+    quads, one int8 weight quad broadcast: ``C[i] += sum_k A[i, k] * B[k]``); its name."""
+    if TensorIntrin.get(PIXEL_QUAD_DOT_16x4, allow_missing=True) is None:
+        TensorIntrin.register(PIXEL_QUAD_DOT_16x4, _pixel_quad_desc, _pixel_quad_vnni)
+    return PIXEL_QUAD_DOT_16x4
 
 
 # By (group, activation dtype as the kernel reads it): name, int32 lanes, desc, impl.

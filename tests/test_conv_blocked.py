@@ -306,3 +306,45 @@ def test_int8_conv_uses_sdot_with_dotprod():
     w = RNG.integers(-128, 128, (16, 6, 3, 3)).astype(np.int8)
     assert "sdot" in _assembly((1, 6, 8, 8), w, "int32", target="aarch64-dotprod")
     assert "sdot" not in _assembly((1, 6, 8, 8), w, "int32", target="aarch64")
+
+
+@pytest.mark.skipif(not _VNNI.runs_here(), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("shape, out_channels", [
+    ((1, 24, 8, 16), 12),   # one 16-pixel row per vector, 12 channels per tile
+    ((1, 8, 4, 16), 64),    # an expansion: channel blocks outermost
+    ((1, 64, 4, 16), 8),    # a reduction: pixel blocks outermost
+    ((1, 6, 7, 7), 16),     # 6 channels (a padded quad), 49 pixels padded to 64
+    ((1, 16, 14, 14), 32),  # 196 pixels padded to 208
+    ((1, 12, 8, 28), 24),   # 4 rows of 28 = 7 vectors per tile
+])
+def test_uint8_pointwise_quads_is_exact(shape, out_channels):
+    from tvmq.passes.conv_to_gemm import POINTWISE_QUADS_NAME
+
+    w = RNG.integers(-128, 128, (out_channels, shape[1], 1, 1)).astype(np.int8)
+    x = RNG.integers(0, 256, shape).astype(np.uint8)
+    executable, kernels = _build(
+        _conv_module(shape, w, (1, 1), (0, 0, 0, 0), (1, 1), "int32", data_dtype="uint8"),
+        policy=ConvPolicy.GEMM, target="x86-vnni")
+    assert any(POINTWISE_QUADS_NAME in name for name in kernels)
+    asm = "".join(m.inspect_source("asm") for m in executable.mod.imports)
+    assert "vpdpbusd %zmm" in asm.replace("\t", " ")
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = 2 * reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1), np.int64)
+    assert np.array_equal(got, want)
+
+
+def test_uint8_pointwise_layers_predict_the_quad_kernel_where_rows_make_vectors():
+    from tvmq.passes._conv import Conv2D, IntDot
+    from tvmq.passes.conv_algorithm import ConvAlgorithm, candidates, predict
+
+    def conv(c, h, w, dtype="uint8"):
+        data = relax.Var("x", relax.TensorType((1, c, h, w), dtype))
+        weight = np.zeros((32, c, 1, 1), np.int8)
+        return Conv2D(data=data, weight=weight, strides=(1, 1), padding=(0, 0, 0, 0),
+                      dilation=(1, 1), groups=1, out_dtype="int32", data_shape=(1, c, h, w))
+
+    assert predict(conv(16, 56, 56), 32, IntDot.QUADS) == ConvAlgorithm.GEMM
+    assert predict(conv(16, 14, 14), 32, IntDot.QUADS) == ConvAlgorithm.DIRECT  # padded
+    assert ConvAlgorithm.GEMM in candidates(conv(16, 14, 14), 32, IntDot.QUADS)
+    assert candidates(conv(16, 56, 56, "int8"), 32, IntDot.QUADS) == [ConvAlgorithm.DIRECT]
+    assert candidates(conv(16, 56, 56), 16, IntDot.PAIRS) == [ConvAlgorithm.DIRECT]  # AVX2

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 
-from .passes._conv import Conv2D
+from .passes._conv import Conv2D, IntDot
 from .passes.conv_algorithm import ConvAlgorithm, MeasurementCache, emit, random_conv_input
 from .schedules.cpu_common import weight_block
 
@@ -30,9 +30,11 @@ def cache_path() -> str:
     return os.path.join(root, "conv_algorithms-v2.json")
 
 
-def measurer(preset, passes: Callable[[], list]) -> Callable[[Conv2D, ConvAlgorithm], float]:
+def measurer(preset, passes: Callable[[], list], int_dot: IntDot = IntDot.WIDE
+             ) -> Callable[[Conv2D, ConvAlgorithm], float]:
     """``measure(conv, algorithm) -> ms`` for ``preset``; ``passes()`` gives the pipeline
-    a lone candidate is built with (the model's, without the algorithm choice)."""
+    a lone candidate is built with (the model's, without the algorithm choice); integer
+    layers take ``int_dot``'s operand form, as in the model."""
     cache = MeasurementCache(cache_path())
     target_key = json.dumps(preset.target, sort_keys=True)
 
@@ -46,7 +48,8 @@ def measurer(preset, passes: Callable[[], list]) -> Callable[[Conv2D, ConvAlgori
         lone = dataclasses.replace(conv, data=data)
         with builder.function("main", [data]):
             with builder.dataflow():
-                value = emit(builder, lone, algorithm, weight_block(preset.tvm_target()))
+                value = emit(builder, lone, algorithm, weight_block(preset.tvm_target()),
+                             int_dot)
                 if value is None:
                     value = relax.op.nn.conv2d(
                         data, relax.const(conv.weight), conv.strides, conv.padding,

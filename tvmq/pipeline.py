@@ -112,7 +112,7 @@ def _conv_algorithm_pass(preset, config: CompileConfig) -> tvm.transform.Pass:
     if policy is ConvPolicy.MEASURE:
         if preset.runs_here():
             lone = dataclasses.replace(config, conv_algorithm=ConvPolicy.DIRECT, quantize="none")
-            measure = measurer(preset, lambda: pipeline(preset, lone))
+            measure = measurer(preset, lambda: pipeline(preset, lone), int_dot(preset))
         else:
             # A cross target cannot be timed here; its layers take the fitted rule.
             policy = ConvPolicy.PREDICT
