@@ -88,3 +88,12 @@ def default_rules(target: tvm.target.Target) -> list:
     """The rules behind ``default_schedule_passes``, in order (the first that applies wins)."""
     rules = _RULES.get(target.kind.name)
     return rules() if rules else []
+
+
+def default_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
+    """The schedule the build gives ``func`` by default (a ``Schedule``), or None."""
+    for rule in default_rules(target):
+        space = _Yielding(rule).apply(func, target, False)
+        if space:
+            return space[0] if isinstance(space, list) else space
+    return None

@@ -167,18 +167,12 @@ def _measure_default(kernel: Kernel, target, tools: _Tools, database) -> float |
     """Measure the kernel's default schedule and record it like any tuned one."""
     from tvm.s_tir.meta_schedule.utils import remove_build_dir
 
-    from . import default_rules
+    from . import default_schedule
 
-    func = kernel.workload["main"]
-    schedule = None
-    for rule in default_rules(target):
-        space = rule.apply(func, target, False)
-        if space:
-            schedule = space[0] if isinstance(space, list) else space
-            break
+    schedule = default_schedule(kernel.workload["main"], target)
     if schedule is None:
         return None
-    args = ms.arg_info.ArgInfo.from_prim_func(func)
+    args = ms.arg_info.ArgInfo.from_prim_func(kernel.workload["main"])
     built = tools.builder.build([ms.builder.BuilderInput(schedule.mod, target)])[0]
     run_secs = None
     if built.error_msg is None:

@@ -60,7 +60,7 @@ def test_ship_keeps_only_records_that_beat_the_default(tiny_model_path, tmp_path
             handle.write(record(workload, seconds) + "\n")
 
     destination = tmp_path / "shipped"
-    assert ship([str(source)], str(destination)) == {"kernels": 3, "shipped": 1}
+    assert ship([str(source)], str(destination)) == {"kernels": 3, "beat": 1, "shipped": 1}
     kept = measurements(destination)
     assert [(m.workload, m.seconds) for m in kept] == [(0, 0.5), (0, 0.6)]
     workloads, _, _ = read_lines(str(destination / WORKLOADS))
@@ -73,6 +73,10 @@ def test_ship_keeps_only_records_that_beat_the_default(tiny_model_path, tmp_path
     (other / RECORDS).write_text(record(0, [2.0]) + "\n" + record(0, [0.4]) + "\n")
     ship([str(source), str(other)], str(destination))
     assert [m.seconds for m in measurements(destination)] == [0.4, 0.5]
+    # A fresh comparison that the records lose drops them all.
+    counts = ship([str(source)], str(destination), check=lambda workload, record: False)
+    assert counts == {"kernels": 3, "beat": 1, "shipped": 0}
+    assert measurements(destination) == []
 
 
 @needs_vnni
