@@ -243,6 +243,18 @@ class DepthwiseConv(CPUScheduleRule):
             if not any(written.same_as(read) for read in reads):
                 schedule_injective(sch, earlier, lanes)
                 continue
+            if written.dtype.bits == 8:
+                # Byte planes are copied up front, all channels in parallel, in whole rows:
+                # per channel, the rows the kernel reads end short of a whole row (the
+                # last tap's reach), and that predicate kept the vectorized byte copy
+                # scalar, with a branch per byte. uint8 96x112x112 stride 2: 0.34 ms
+                # against 0.56; 144x56x56 stride 2 0.11 against 0.27; stride 1 the same.
+                # (Float planes stay per channel, in cache: 0.26 ms against 0.30.)
+                n_loop, c_loop, *_, q = sch.get_loops(earlier)
+                _, j = sch.split(q, factors=[None, extents[1]])
+                sch.vectorize(j)
+                sch.parallel(sch.fuse(n_loop, c_loop))
+                continue
             sch.compute_at(earlier, channel)
             q = sch.get_loops(earlier)[-1]
             _, j = sch.split(q, factors=[None, extents[1]])
