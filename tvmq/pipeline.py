@@ -23,6 +23,7 @@ from . import targets
 from .config import CompileConfig, QuantizeMode
 from .conv_measure import measurer
 from .errors import ConfigError, PipelineError
+from .kernels import RecordKernelOps
 from .layer_latency import layer_timer
 from .passes._conv import IntDot
 from .passes.annotate import AnnotateQuantization
@@ -93,6 +94,8 @@ def pipeline(
         *backend.library_dispatch_passes(tvm_target),
         *_around_fuse_ops(_without_backend_schedules(backend.legalize_passes(tvm_target))),
         # Tuned schedules first; every kernel still unscheduled gets the target's default.
+        # Operation counts for reports, read before schedules make kernels opaque.
+        RecordKernelOps(),
         *_tuning_passes(config, tvm_target),
         *default_schedule_passes(tvm_target),
         *backend.dataflow_lower_passes(tvm_target),
