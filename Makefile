@@ -33,6 +33,8 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.run --models digits --budgets 0.55,0.6,0.7,0.8,0.9 --name bits
 	$(PY) -m bench.conv_algorithms | tee bench/conv_algorithms.md
+	$(PY) -m bench.run --models mobilenet_v2,resnet50 --name tuned --tune-trials 200,800 \
+		--builds tvmq-fp32,tvmq-fp32-shipped,tvmq-int8,tvmq-int8-shipped,tvmq-fp32-tuned,tvmq-int8-tuned
 
 lint: setup
 	$(VENV)/bin/ruff check tvmq passes schedules targets tests scripts bench
