@@ -44,6 +44,10 @@ class ApplyTuningRecords:
     source : str
         What the kernels' ``tvmq.schedule`` attribute says: ``tuned`` (the user's records)
         or ``shipped`` (:mod:`tvmq.schedules.shipped`).
+    checked : bool
+        The records were each checked on their own kernel when they were made (shipped
+        records: ``ab_check`` and tests/test_shipped.py): only those applied to another
+        kernel of the same skeleton are checked again.
     """
 
     def __init__(
@@ -53,11 +57,13 @@ class ApplyTuningRecords:
         *,
         verify: bool = True,
         source: str = "tuned",
+        checked: bool = False,
     ) -> None:
         self.records_dir = str(records_dir)
         self.target = target
         self.verify = verify
         self.source = source
+        self.checked = checked
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         database = load_database(self.records_dir)
@@ -86,7 +92,9 @@ class ApplyTuningRecords:
 
     def _tuned(self, name: str, func: tvm.tirx.PrimFunc, database) -> tvm.tirx.PrimFunc | None:
         workload_mod = workload_of(func)
-        if database.has_workload(workload_mod):
+        exact = database.has_workload(workload_mod)
+        verify = self.verify and not (self.checked and exact)
+        if exact:
             workload = database.commit_workload(workload_mod)
         else:
             # The same kernel calibrated differently (other zero points, clamp bounds).
@@ -106,7 +114,7 @@ class ApplyTuningRecords:
                 )
                 continue
             scheduled = schedule.mod["main"]
-            if self.verify:
+            if verify:
                 check = check_kernel(workload_mod["main"], scheduled, target=self.target, name=name)
                 if not check.ok:
                     warnings.warn(

@@ -193,14 +193,15 @@ def _layer_measure(config: CompileConfig, preset):
 def _tuning_passes(config: CompileConfig, target: tvm.target.Target) -> list[tvm.transform.Pass]:
     # Kernels with a tuned record take its schedule, once it is checked on random inputs:
     # the user's records first, then those shipped for the target. Shipped records were
-    # checked when they were made (tests/test_shipped.py), so a cross build uses them too.
+    # checked on their own kernels when they were made (tests/test_shipped.py checks them
+    # again), so a cross build uses them too and only skeleton matches are checked here.
     passes = []
     if config.tuning_records is not None:
         passes.append(ApplyTuningRecords(config.tuning_records, target))
     shipped = shipped_records(target) if config.shipped_records else None
     if shipped is not None:
         passes.append(ApplyTuningRecords(shipped, target, verify=runs_here(target),
-                                         source="shipped"))
+                                         source="shipped", checked=True))
     return passes
 
 
