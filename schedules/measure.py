@@ -76,31 +76,68 @@ def _free_servers(rpc: RPCTracker) -> int:
     return int(free)
 
 
+# A candidate whose build takes longer than this is dropped as failed: LLVM spent over 12
+# minutes on one candidate of a ResNet-50 INT8 kernel (a fully unrolled epilogue, likely)
+# and would have held the whole tuning run.
+BUILD_TIMEOUT_S = 60
+
+
 @derived_object
 class InProcessBuilder(ms.builder.PyBuilder):
-    """Builds candidates in this process.
+    """Builds each candidate in a child forked from this process, with a time limit.
 
     LocalBuilder starts a fresh process pool for every round, and each worker imports TVM
     and every tensor intrinsic (seconds to minutes on a busy 2-core machine) to compile
-    kernels that take milliseconds. A candidate that crashes the compiler ends the run;
-    its records so far are kept and the next run continues.
+    kernels that take milliseconds; a fork inherits them. A candidate whose build crashes
+    the compiler or runs past ``timeout_s`` fails alone; the run goes on.
     """
 
-    def build(self, build_inputs):
-        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-        from tvm.support.tar import tar
+    def __init__(self, timeout_s: float = BUILD_TIMEOUT_S) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
 
-        results = []
-        for build_input in build_inputs:
+    def build(self, build_inputs):
+        return [self._build(build_input) for build_input in build_inputs]
+
+    def _build(self, build_input) -> ms.builder.BuilderResult:
+        import signal
+        import time
+
+        directory = tempfile.mkdtemp(prefix="tvmq-tune-")
+        path = os.path.join(directory, "kernel.tar")
+        error_path = os.path.join(directory, "error.txt")
+        pid = os.fork()
+        if pid == 0:  # the child: build, write the library or the error, exit at once
+            code = 0
             try:
+                from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+                from tvm.support.tar import tar
+
                 mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(build_input.mod)
                 library = tvm.tirx.build(mod, target=build_input.target)
-                path = os.path.join(tempfile.mkdtemp(prefix="tvmq-tune-"), "kernel.tar")
                 library.export_library(path, fcompile=tar)
-                results.append(ms.builder.BuilderResult(path, None))
-            except Exception as err:
-                results.append(ms.builder.BuilderResult(None, f"build failed: {err}"))
-        return results
+            except BaseException as err:
+                with open(error_path, "w") as handle:
+                    handle.write(f"build failed: {err}")
+                code = 1
+            os._exit(code)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return ms.builder.BuilderResult(
+                    None, f"build timed out after {self.timeout_s:g} s")
+            time.sleep(0.002)
+        if status == 0 and os.path.exists(path):
+            return ms.builder.BuilderResult(path, None)
+        if os.path.exists(error_path):
+            with open(error_path) as handle:
+                return ms.builder.BuilderResult(None, handle.read())
+        return ms.builder.BuilderResult(None, f"build crashed (wait status {status})")
 
 
 @derived_object

@@ -280,3 +280,23 @@ def _free_servers(port: int, key: str) -> int:
     except Exception:
         return 0
     return int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+
+
+def test_a_build_past_its_time_limit_fails_alone(tiny_model_path, tmp_path):
+    """A candidate LLVM cannot finish in time is a failed measurement, not a hung run."""
+    from tvmq.schedules.measure import InProcessBuilder
+
+    kernel = _tiny_kernels(tiny_model_path)[0]
+    target = tvmq.targets.resolve("x86").tvm_target()
+    inputs = [ms.builder.BuilderInput(kernel.workload, target)]
+    (slow,) = InProcessBuilder(timeout_s=0.0001).build(inputs)
+    assert slow.artifact_path is None and "timed out" in slow.error_msg
+    (built,) = InProcessBuilder().build(inputs)
+    assert built.error_msg is None and os.path.exists(built.artifact_path)
+
+
+def _tiny_kernels(path):
+    from tvmq.schedules.tune import _fused
+    from tvmq.schedules.workloads import kernels
+
+    return kernels(_fused(path, tvmq.targets.resolve("x86"), tvmq.CompileConfig(), None))
