@@ -66,6 +66,7 @@ class ApplyTuningRecords:
         self.checked = checked
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        register_tensor_intrinsics(self.target)  # records name them: register before loading
         database = load_database(self.records_dir)
         if self.verify and not runs_here(self.target):
             warnings.warn(
@@ -75,7 +76,6 @@ class ApplyTuningRecords:
                 stacklevel=2,
             )
             return mod
-        register_tensor_intrinsics(self.target)
         updates = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):

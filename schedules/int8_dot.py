@@ -154,6 +154,14 @@ def register(group: int, data_dtype: str) -> str:
     return name
 
 
+def register_all() -> None:
+    """Register every intrinsic of this module: records that name one (any int8 kernel's
+    default schedule) do not load into meta_schedule before it is registered."""
+    for group, dtype in _INTRINSICS:
+        register(group, dtype)
+    register_pixel_quads()
+
+
 def weight_form(sch, main, grouped_rank: int, block_axis: int, float_lanes: int):
     """(group, lanes, block, intrinsic) of a blocked kernel from its operands (the block's
     first read is the activation, its last the weight): a weight of rank ``grouped_rank`` is

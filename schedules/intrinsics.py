@@ -38,3 +38,9 @@ def register_tensor_intrinsics(target: tvm.target.Target) -> None:
         sys.modules[_PACKAGE] = partial
     for family in families:
         importlib.import_module(f"{_PACKAGE}.{family}")
+    # tvmq's own, which its int8 schedules (and so their tuning records) name.
+    from . import cuda_int4, int8_dot
+
+    int8_dot.register_all()
+    if target.kind.name == "cuda":
+        cuda_int4.register_packed_loads()

@@ -112,6 +112,7 @@ def workload_keys(records_dir: str | os.PathLike) -> list[str]:
 def open_database(records_dir: str | os.PathLike) -> ms.database.JSONDatabase:
     """The directory as a JSONDatabase that appends; call only while holding :func:`locked`."""
     repair(records_dir)
+    _register_intrinsics()
     try:
         return ms.database.JSONDatabase(work_dir=str(records_dir))
     except Exception as err:
@@ -144,7 +145,15 @@ def load_database(records_dir: str | os.PathLike) -> ms.database.MemoryDatabase:
 _LOADED: dict[str, tuple[list, ms.database.MemoryDatabase]] = {}
 
 
+def _register_intrinsics() -> None:
+    # Records of int8 kernels name tvmq's tensor intrinsics; TVM cannot load them before.
+    from .int8_dot import register_all
+
+    register_all()
+
+
 def _load_database(records_dir: str | os.PathLike) -> ms.database.MemoryDatabase:
+    _register_intrinsics()
     workload_lines, _, _ = read_lines(os.path.join(records_dir, WORKLOADS))
     record_lines, _, _ = read_lines(os.path.join(records_dir, RECORDS))
     measurements(records_dir)

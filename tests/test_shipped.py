@@ -159,3 +159,28 @@ def test_int8_records_serve_a_build_calibrated_on_other_data(tiny_model_path, tm
     (got,) = tvmq.runtime.load(tmp_path / "m.tar").run(x=x).values()
     (want,) = tvmq.runtime.load(tmp_path / "u.tar").run(x=x).values()
     np.testing.assert_array_equal(got, want)  # integer kernels: a schedule changes nothing
+
+
+@needs_vnni
+def test_int8_records_load_in_a_fresh_process(tmp_path):
+    """Records of tensorized int8 kernels name tvmq's intrinsics: a later compile or a
+    resumed run (a new process, before any schedule rule registered them) loads them."""
+    import subprocess
+    import sys
+
+    from tvmq.examples import DIGITS_MODEL, digits_calibration_set
+
+    images, _ = digits_calibration_set()
+    config = tvmq.CompileConfig(quantize="int8",
+                                calibration_data=[{"input": i[None]} for i in images[:8]])
+    records = tmp_path / "records"
+    tune(DIGITS_MODEL, target="x86-vnni", records=records, trials=2, config=config,
+         progress=False)
+    assert "tvmq_u8s8" in (records / RECORDS).read_text()  # a VNNI kernel was measured
+    code = ("import sys; from tvmq.schedules.records import load_database, open_database; "
+            "print(len(load_database(sys.argv[1]).get_all_tuning_records())); "
+            "open_database(sys.argv[1])")
+    loaded = subprocess.run([sys.executable, "-c", code, str(records)], capture_output=True,
+                            text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert int(loaded.stdout.split()[-1]) == 2
