@@ -130,8 +130,8 @@ def ab_check(target: tvm.target.Target, log: Callable[[str], None] | None = None
         library = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                               target=target)
         tensors = [tvm.runtime.tensor(a) for a in random_buffers(func)]
-        evaluate = library.time_evaluator("main", tvm.cpu(), number=10, repeat=1,
-                                          min_repeat_ms=20)
+        evaluate = library.jit().time_evaluator("main", tvm.cpu(), number=10, repeat=1,
+                                                min_repeat_ms=20)
         return lambda: evaluate(*tensors).mean * 1e3
 
     def check(workload_line: list, record: list) -> bool:
@@ -147,7 +147,7 @@ def ab_check(target: tvm.target.Target, log: Callable[[str], None] | None = None
         rounds = [(time_default(), time_tuned()) for _ in range(AB_ROUNDS)]
         ms_default = statistics.median(d for d, _ in rounds)
         ms_tuned = statistics.median(t for _, t in rounds)
-        keep = bool(np.isfinite(ms_tuned)) and ms_tuned < ms_default * (1 - MIN_GAIN)
+        keep = bool(np.isfinite(ms_tuned) and ms_tuned < ms_default * (1 - MIN_GAIN))
         if log is not None:
             shapes = " x ".join(str([int(d) for d in p.shape]) for p in func.params[:2])
             log(f"{'ship' if keep else 'drop'} kernel of {shapes}: default {ms_default:.4f} "

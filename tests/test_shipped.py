@@ -79,6 +79,21 @@ def test_ship_keeps_only_records_that_beat_the_default(tiny_model_path, tmp_path
     assert measurements(destination) == []
 
 
+def test_ab_check_times_both_schedules(tiny_model_path, tmp_path):
+    """The fresh comparison builds the default and the record, checks and times both (on
+    a kernel this small the verdict is noise, so only that it ran is asserted)."""
+    from tvmq.schedules.shipped import ab_check
+
+    records = tmp_path / "records"
+    tune(tiny_model_path, target="x86", records=records, trials=1, progress=False)
+    (workload,), _, _ = read_lines(str(records / WORKLOADS))
+    (line,), _, _ = read_lines(str(records / RECORDS))
+    said = []
+    verdict = ab_check(_target("x86"), said.append)(workload, line[1])
+    assert isinstance(verdict, bool)
+    assert len(said) == 1 and "default" in said[0] and "tuned" in said[0]
+
+
 @needs_vnni
 def test_every_shipped_record_applies_and_computes_its_kernel():
     """What lets a cross build use the shipped records without checking them itself."""
