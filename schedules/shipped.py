@@ -24,7 +24,7 @@ import tvm
 
 from .records import RECORDS, WORKLOADS, measurements, read_lines
 
-__all__ = ["MIN_GAIN", "TUNED_DIR", "ship", "shipped_records"]
+__all__ = ["MIN_GAIN", "TUNED_DIR", "ab_check", "ship", "shipped_records"]
 
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 # A tuned schedule ships only if it beat the default by this fraction of the default's
