@@ -15,6 +15,7 @@ from tvm.s_tir.schedule.schedule import ScheduleError
 from .cpu_conv import BlockedConv, DepthwiseConv, PointwiseConv, PointwiseQuadConv
 from .cpu_injective import InjectiveParallel
 from .cpu_matmul import BlockedMatmul
+from .cpu_pool import WindowPool
 from .cpu_tiling import MultiplyAccumulateTiling
 from .cpu_winograd import WinogradConv
 from .cuda import TensorCoreMatmul
@@ -37,6 +38,7 @@ def _cpu_rules():
         PointwiseConv(),
         PointwiseQuadConv(),
         BlockedMatmul(),
+        WindowPool(),
         MultiplyAccumulateTiling(),
         dl.cpu.GEMV(),
         InjectiveParallel(),

@@ -348,3 +348,34 @@ def test_uint8_pointwise_layers_predict_the_quad_kernel_where_rows_make_vectors(
     assert ConvAlgorithm.GEMM in candidates(conv(16, 14, 14), 32, IntDot.QUADS)
     assert candidates(conv(16, 56, 56, "int8"), 32, IntDot.QUADS) == [ConvAlgorithm.DIRECT]
     assert candidates(conv(16, 56, 56), 16, IntDot.PAIRS) == [ConvAlgorithm.DIRECT]  # AVX2
+
+
+@pytest.mark.parametrize("op, shape, pool, strides, padding", [
+    ("max", (1, 8, 17, 17), (3, 3), (2, 2), (1, 1, 1, 1)),   # ResNet's stem pool, odd size
+    ("max", (1, 4, 16, 16), (2, 2), (2, 2), (0, 0, 0, 0)),   # VGG's
+    ("avg", (1, 6, 9, 12), (3, 3), (1, 1), (1, 1, 1, 1)),    # an average's division epilogue
+    ("avg", (1, 16, 7, 7), (7, 7), (1, 1), (0, 0, 0, 0)),    # a global pool as a window
+])
+def test_window_pooling_matches_numpy(op, shape, pool, strides, padding):
+    """schedules/cpu_pool.py: the padding inlined, rows in parallel, taps outer."""
+    x = RNG.normal(size=shape).astype(np.float32)
+    builder = relax.BlockBuilder()
+    var = relax.Var("x", relax.TensorType(shape, "float32"))
+    make = relax.op.nn.max_pool2d if op == "max" else relax.op.nn.avg_pool2d
+    with builder.function("main", [var]):
+        with builder.dataflow():
+            out = builder.emit_output(make(var, pool, strides, padding))
+        builder.emit_func_output(out)
+    executable, _ = _build(builder.get())
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    top, left, bottom, right = padding
+    fill = -np.inf if op == "max" else np.nan
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
+    (kh, kw), (sh, sw) = pool, strides
+    oh = (padded.shape[2] - kh) // sh + 1
+    ow = (padded.shape[3] - kw) // sw + 1
+    windows = np.stack([padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
+                        for i in range(kh) for j in range(kw)])
+    # TVM's average excludes the padding by default (count_include_pad=False).
+    want = windows.max(0) if op == "max" else np.nanmean(windows, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
