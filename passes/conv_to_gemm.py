@@ -42,10 +42,9 @@ def emit_gemm(
     pointwise = (kh, kw) == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
     quad_rows = pointwise_quad_rows(conv, weight_block, int_dot)
     if quad_rows is not None:
-        lanes = weight_block // 2
-        pixels = -(-oh * ow // lanes) * lanes
         return builder.call_te(pointwise_quads, conv.data,
-                               relax.const(quad_weight(conv.weight, quad_rows)), pixels,
+                               relax.const(quad_weight(conv.weight, quad_rows)),
+                               whole_vectors(oh * ow, weight_block // 2),
                                primfunc_name_hint=POINTWISE_QUADS_NAME)
     rows = pointwise_rows(conv, weight_block) if pointwise else None
     if rows is not None:
@@ -106,7 +105,12 @@ def quad_tile_pixels(height: int, width: int, lanes: int) -> int:
     """Pixels per tile of the quad pointwise kernel: whole image rows making whole vectors
     (``pointwise_image_rows``), else the whole image padded to whole vectors."""
     rows = pointwise_image_rows(height, width, lanes)
-    return rows * width if rows is not None else -(-height * width // lanes) * lanes
+    return rows * width if rows is not None else whole_vectors(height * width, lanes)
+
+
+def whole_vectors(pixels: int, lanes: int) -> int:
+    """``pixels`` rounded up to whole vectors: the quad kernel's flattened image."""
+    return -(-pixels // lanes) * lanes
 
 
 def _tile_rows(conv: Conv2D, weight_block: int | None, pixels: int | None = None) -> int | None:

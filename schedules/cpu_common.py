@@ -148,13 +148,20 @@ def find_kernel(func, name: str):
     return None if index is None else (sch, blocks, index)
 
 
-def accumulate_locally(sch: s_tir.Schedule, blocks: list, index: int):
+def accumulate_locally(sch: s_tir.Schedule, blocks: list, index: int, *,
+                       keep_writeback: bool = False):
     """Give the kernel ``blocks[index]`` a local accumulator and fold the elementwise
-    epilogue into one block that reads it. Returns (prologue blocks, epilogue block)."""
+    epilogue into one block that reads it. Returns (prologue blocks, epilogue block).
+
+    ``keep_writeback``: the accumulator's copy out stays a block of its own, and the
+    epilogue folds into the last block only; returns (prologue, copy-out, epilogue)."""
     main = blocks[index]
     prologue = inline_epilogue_inputs(sch, blocks[:index], main)
-    epilogue = [sch.cache_write(main, 0, "local"), *blocks[index + 1 :]]
+    writeback = sch.cache_write(main, 0, "local")
+    epilogue = [*([] if keep_writeback else [writeback]), *blocks[index + 1 :]]
     for later in epilogue[:-1]:
         sch.compute_inline(later)
+    if keep_writeback:
+        return prologue, writeback, epilogue[-1]
     return prologue, epilogue[-1]
 

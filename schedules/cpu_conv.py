@@ -27,7 +27,6 @@ from .cpu_common import (
     accumulate_locally,
     find_kernel,
     float32_lanes,
-    inline_epilogue_inputs,
     loop_extent,
     num_vector_registers,
     schedule_injective,
@@ -151,7 +150,7 @@ class PointwiseQuadConv(CPUScheduleRule):
         sch, blocks, index = found
         main = blocks[index]
         lanes = float32_lanes(target)
-        rows = int(sch.get(main).reads[-1].source.shape[2])
+        weight_blocks, quads, rows, _ = (int(d) for d in sch.get(main).reads[-1].source.shape)
         unflatten = sch.get(blocks[index + 1]).writes[0].source
         height, width = (int(d) for d in unflatten.shape[2:])
         if lanes != 16:
@@ -163,18 +162,14 @@ class PointwiseQuadConv(CPUScheduleRule):
             # The image padded to whole vectors (14x14, 7x7): the tile's accumulators are
             # written back flat, and the epilogue reads them as the image in a pass of its
             # own (under the tile, TVM cannot tell which pixels a tile's flat run holds).
-            prologue = inline_epilogue_inputs(sch, blocks[:index], main)
-            writeback = sch.cache_write(main, 0, "local")
-            for later in blocks[index + 1:-1]:
-                sch.compute_inline(later)
-            epilogue = blocks[-1]
+            prologue, writeback, epilogue = accumulate_locally(sch, blocks, index,
+                                                               keep_writeback=True)
         else:
             prologue, writeback = accumulate_locally(sch, blocks, index)
         n, oc, p, k, i = sch.get_loops(main)
         oc_outer, oc_inner = sch.split(oc, factors=[None, rows])
         p_outer, p_tile = sch.split(p, factors=[None, pixels])
         p_steps, p_vectors, p_lanes = sch.split(p_tile, factors=[None, vectors, lanes])
-        weight_blocks, quads = (int(d) for d in sch.get(main).reads[-1].source.shape[:2])
         if 4 * quads > weight_blocks * rows:
             # A reduction: the tile's input (all its quads) stays in cache across the
             # output channels. 256->64 at 56x56 0.26 ms against 0.39 channel-block outer.

@@ -15,7 +15,6 @@ our own kernels.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ def shipped_records(target: tvm.target.Target) -> str | None:
 
     if target.kind.name != "llvm" or not os.path.isdir(TUNED_DIR):
         return None
-    wanted = TargetPreset("custom", copy.deepcopy(dict(target.export())), "")
+    wanted = TargetPreset.of(target)
     has = set(wanted.required_cpu_features())
     best, best_features = None, -1
     for name in sorted(os.listdir(TUNED_DIR)):
@@ -122,16 +121,14 @@ def ab_check(target: tvm.target.Target, log: Callable[[str], None] | None = None
 
     from . import default_schedule
     from .intrinsics import register_tensor_intrinsics
-    from .verify import check_kernel, random_buffers
+    from .verify import build_kernel, check_kernel, random_buffers
 
     register_tensor_intrinsics(target)
 
     def timer(func):
-        library = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                              target=target)
         tensors = [tvm.runtime.tensor(a) for a in random_buffers(func)]
-        evaluate = library.jit().time_evaluator("main", tvm.cpu(), number=10, repeat=1,
-                                                min_repeat_ms=20)
+        evaluate = build_kernel(func, target).time_evaluator(
+            "main", tvm.cpu(), number=10, repeat=1, min_repeat_ms=20)
         return lambda: evaluate(*tensors).mean * 1e3
 
     def check(workload_line: list, record: list) -> bool:

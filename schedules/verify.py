@@ -9,7 +9,6 @@ produced it, built without a schedule for the host CPU.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ def runs_here(target: tvm.target.Target) -> bool:
     from tvmq.errors import ArtifactError
     from tvmq.runtime import check_host
 
-    preset = TargetPreset("custom", copy.deepcopy(dict(target.export())), "")
+    preset = TargetPreset.of(target)
     needs = {
         "target": {"preset": str(target)},
         "arch": preset.arch,
@@ -104,9 +103,14 @@ def random_buffers(func: tvm.tirx.PrimFunc, *, seed: int = 0) -> list[np.ndarray
     return arrays
 
 
-def _run(func, target, device, buffers: list[np.ndarray]) -> list[np.ndarray]:
+def build_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.runtime.Module:
+    """``func`` alone, compiled for ``target`` as a runnable module with entry ``main``."""
     func = func.with_attr("global_symbol", "main")
-    library = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    return tvm.compile(tvm.IRModule({"main": func}), target=target).jit()
+
+
+def _run(func, target, device, buffers: list[np.ndarray]) -> list[np.ndarray]:
+    library = build_kernel(func, target)
     tensors = [tvm.runtime.tensor(array, device) for array in buffers]
     library["main"](*tensors)
     return [tensor.numpy() for tensor in tensors]

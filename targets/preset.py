@@ -40,6 +40,11 @@ class TargetPreset:
     description: str
     enables: tuple[str, ...] = field(default_factory=tuple)
 
+    @staticmethod
+    def of(target: tvm.target.Target) -> TargetPreset:
+        """A nameless preset for a TVM target (its architecture and CPU features)."""
+        return TargetPreset("custom", copy.deepcopy(dict(target.export())), "")
+
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target(copy.deepcopy(self.target))
 

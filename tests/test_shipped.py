@@ -79,9 +79,12 @@ def test_ship_keeps_only_records_that_beat_the_default(tiny_model_path, tmp_path
     assert measurements(destination) == []
 
 
-def test_ab_check_times_both_schedules(tiny_model_path, tmp_path):
+def test_ab_check_times_both_schedules_and_rejects_a_wrong_one(tiny_model_path, tmp_path):
     """The fresh comparison builds the default and the record, checks and times both (on
-    a kernel this small the verdict is noise, so only that it ran is asserted)."""
+    a kernel this small the timing verdict is noise); a record that computes something
+    else never ships, however fast it claims to be."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
     from tvmq.schedules.shipped import ab_check
 
     records = tmp_path / "records"
@@ -89,9 +92,17 @@ def test_ab_check_times_both_schedules(tiny_model_path, tmp_path):
     (workload,), _, _ = read_lines(str(records / WORKLOADS))
     (line,), _, _ = read_lines(str(records / RECORDS))
     said = []
-    verdict = ab_check(_target("x86"), said.append)(workload, line[1])
-    assert isinstance(verdict, bool)
+    check = ab_check(_target("x86"), said.append)
+    assert isinstance(check(workload, line[1]), bool)
     assert len(said) == 1 and "default" in said[0] and "tuned" in said[0]
+    # The conv's accumulator stored as int32: applies cleanly, claims 1 ns, and is wrong.
+    loaded = ms.database.Workload.from_json(workload)
+    wrong = Schedule(loaded.mod)
+    wrong.unsafe_set_dtype(wrong.get_sblock("conv2d_nchw"), 0, "int32")
+    record = ms.database.TuningRecord(wrong.trace, loaded, [1e-9], _target("x86"),
+                                      ms.arg_info.ArgInfo.from_prim_func(loaded.mod["main"]))
+    assert check(workload, record.as_json()) is False
+    assert len(said) == 1  # rejected before any timing
 
 
 @needs_vnni
