@@ -35,6 +35,11 @@ def expose(func: relax.Function, *, simulated: bool) -> tuple[relax.Function, li
                 if simulated:
                     bindings.append(binding)
                 continue
+            if name == "relax.clip" and value.args[0] in quantized:  # a narrow point's clamp
+                quantized[binding.var] = quantized[value.args[0]]
+                if simulated:
+                    bindings.append(binding)
+                continue
             if name == "relax.dequantize" and index is not None and value.args[0] in quantized:
                 source = quantized[value.args[0]]
                 if simulated:

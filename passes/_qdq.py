@@ -68,18 +68,23 @@ def with_json_attr(func: relax.Function, key: str, value) -> relax.Function:
 # ----------------------------------------------------------------------- scale math
 
 
-def qparams(lo: float, hi: float, *, symmetric: bool, dtype: str = "int8") -> tuple[float, int]:
-    """Scale and zero point that map the real range [lo, hi] (widened to hold 0) onto dtype.
+def activation_levels(bits: int) -> tuple[int, int]:
+    """The int8-container range of a ``bits``-wide activation: [-128, 127] or [-8, 7]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def qparams(lo: float, hi: float, *, symmetric: bool, bits: int = 8) -> tuple[float, int]:
+    """Scale and zero point that map the real range [lo, hi] (widened to hold 0) onto the
+    int8 container's ``activation_levels(bits)``.
 
     An empty range (a tensor that is all zeros) gets scale 1: any scale represents it.
     """
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    qmin, qmax = QMIN[dtype], QMAX[dtype]
+    qmin, qmax = activation_levels(bits)
     if symmetric:
         bound = max(-lo, hi)
-        scale = bound / 127 if bound > 0 else 1.0
-        zero = 0 if dtype == "int8" else 128
-        return float(np.float32(scale)), zero
+        scale = bound / qmax if bound > 0 else 1.0
+        return float(np.float32(scale)), 0
     if hi - lo <= 0:
         return 1.0, 0
     scale = float(np.float32((hi - lo) / (qmax - qmin)))

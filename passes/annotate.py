@@ -9,6 +9,12 @@ with a following bias add and ReLU / clip (ReLU6 is a clip) folded into the laye
 concat; max / avg / global pools; and data movement (reshape, ...) between quantized ops.
 Everything else stays float, and the report in ``main``'s ``tvmq.quantization`` attribute
 says why. A module that already holds quantize ops (a pre-quantized model) is left alone.
+
+4-bit activations (``QConfig.activation_bits=4`` or a per-layer override: W4A4 layers) are
+``dequantize(clip(quantize(x), -8, 7))``: 16 levels in the int8 container, which realize
+keeps as the integer clamp of the producing kernel. A point is as wide as the widest of
+its readers asks, and points tied to one scale (behind a max-pool or a reshape) share
+their bits; the report says where a layer reads wider activations than it asked for.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ._qdq import (
     BITS_ATTR,
     QPOINTS_ATTR,
     REPORT_ATTR,
+    activation_levels,
     placeholder_scale,
     quantize_weight,
     quantize_weight_grouped,
@@ -126,6 +133,7 @@ class _Plan:
         self.float_ops: list[dict] = []
         self.points: list[dict] = []
         self.point_of: dict[relax.Var, int] = {}
+        self.requests: dict[int, list[int]] = {}  # point -> the bits its readers ask for
         bindings = [b for block in func.body.blocks for b in block.bindings]
         self.var2val = {b.var: b.value for b in bindings}
         self.uses = _use_counts(func, bindings)
@@ -159,6 +167,7 @@ class _Plan:
                 arg = value.args[i]
                 for var in arg.fields if isinstance(arg, relax.Tuple) else [arg]:
                     layer.inputs.append(self._point(var, layer))
+        self._settle_bits()
 
     def _kind(self, call: relax.Call, op: str):
         """(activation args, weight arg, weight channel axis) of a quantizable op, or None."""
@@ -212,6 +221,7 @@ class _Plan:
 
     def _point(self, var: relax.Var, consumer: _Layer) -> int:
         if var in self.point_of:
+            self._request(self.point_of[var], consumer)
             return self.point_of[var]
         _, _, scheme = self.qconfig.for_layer(consumer.name)
         index = len(self.points)
@@ -223,7 +233,42 @@ class _Plan:
             {"index": index, "symmetric": scheme == ActivationScheme.SYMMETRIC, "tie": tie}
         )
         self.point_of[var] = index
+        self._request(index, consumer)
         return index
+
+    def _request(self, index: int, consumer: _Layer) -> None:
+        """Note the activation bits ``consumer`` reads point ``index`` at; data movement
+        (max-pool, reshape) takes what its own consumers ask for."""
+        if consumer.op not in _TIED:
+            self.requests.setdefault(index, []).append(
+                self.qconfig.activation_bits_for(consumer.name)
+            )
+
+    def _settle_bits(self) -> None:
+        """Each point's bits: the widest any of its readers asks for (a tensor that an 8-bit
+        layer reads stays 8-bit), the same across points tied to one scale."""
+        root = list(range(len(self.points)))
+
+        def find(i: int) -> int:
+            while root[i] != i:
+                i = root[i]
+            return i
+
+        for point in self.points:
+            if point["tie"] is not None:
+                root[find(point["index"])] = find(point["tie"])
+        groups: dict[int, list[int]] = {}
+        for point in self.points:
+            groups.setdefault(find(point["index"]), []).append(point["index"])
+        for members in groups.values():
+            asked = [b for i in members for b in self.requests.get(i, [])]
+            bits = max(asked) if asked else self.qconfig.activation_bits
+            for i in members:
+                self.points[i]["bits"] = bits
+
+    def input_bits(self, layer: _Layer) -> int:
+        """The activation bits ``layer`` reads (the widest of its inputs)."""
+        return max(self.points[i]["bits"] for i in layer.inputs)
 
     def _float(self, var: relax.Var, op: str, reason: str, name: str | None = None) -> None:
         if op in ("nn.relu", "clip") and reason.startswith("no integer kernel"):
@@ -260,7 +305,7 @@ class _Plan:
             # Realize stores weights that fit in 4 bits two per byte.
             weight_bytes=(weight.size + 1) // 2 + extra if bits <= 4 else weight.size,
             macs=macs,
-            bops=macs * bits * self.qconfig.activation_bits,
+            bops=macs * bits * self.input_bits(layer),
         )
         if chosen is not None:
             layer.record.update({k: v for k, v in chosen.items() if k != "bits"})
@@ -278,10 +323,15 @@ class _Plan:
                 })
                 continue
             _, _, scheme = self.qconfig.for_layer(layer.name)
+            bits, asked = self.input_bits(layer), self.qconfig.activation_bits_for(layer.name)
+            if layer.op in _TIED:
+                asked = bits
             layers.append({
                 "name": layer.name, "op": layer.op, "fused": layer.fused,
                 "input_points": layer.inputs, "output_point": output_point, "output": output,
-                "activation_bits": self.qconfig.activation_bits,
+                "activation_bits": bits,
+                **({"activation_bits_note": f"asked for {asked}; its input is also read at "
+                    f"{bits} bits"} if asked != bits else {}),
                 "activation_scheme": scheme.value, **layer.record,
             })
         report = {"layers": layers, "float_ops": float_ops}
@@ -321,9 +371,14 @@ class _Annotator(relax.PyExprMutator):
 
     def _qdq(self, var: relax.Var) -> relax.Var:
         if var not in self.dequantized:
-            scale = placeholder_scale(self.plan.point_of[var])
+            index = self.plan.point_of[var]
+            scale = placeholder_scale(index)
             zero = relax.const(0, "int8")
             q = self.builder_.emit(relax.op.quantize(self.visit_expr(var), scale, zero))
+            bits = self.plan.points[index]["bits"]
+            if bits < 8:
+                # Narrow activations: the integers clamped to their levels, in the container.
+                q = self.builder_.emit(relax.op.clip(q, *activation_levels(bits)))
             self.dequantized[var] = self.builder_.emit(relax.op.dequantize(q, scale, zero))
         return self.dequantized[var]
 

@@ -111,8 +111,9 @@ class Calibrate:
                     f"Calibrate found no value for quantization point {index}; run "
                     "AnnotateQuantization again on the unmodified model"
                 )
-            lo, hi = _range(s, self.method, self.percentile, point["symmetric"])
-            chosen[index] = qparams(lo, hi, symmetric=point["symmetric"])
+            bits = point.get("bits", 8)
+            lo, hi = _range(s, self.method, self.percentile, point["symmetric"], bits)
+            chosen[index] = qparams(lo, hi, symmetric=point["symmetric"], bits=bits)
         for point in points:
             tie = point["tie"]
             while tie is not None and tie not in chosen:
@@ -139,8 +140,9 @@ def _feed_list(func: relax.Function, feeds: dict[str, np.ndarray]) -> list[np.nd
     return [feeds[info.name] for info in _model_inputs(func)]
 
 
-def _range(stats, method: CalibrationMethod, percentile: float, symmetric: bool):
-    """The real range [lo, hi] a point is quantized over."""
+def _range(stats, method: CalibrationMethod, percentile: float, symmetric: bool,
+           bits: int = 8):
+    """The real range [lo, hi] a point of ``bits`` bits is quantized over."""
     if method == CalibrationMethod.MINMAX or stats.edge == 0:
         return stats.lo, stats.hi
     width = stats.edge / stats.counts.size
@@ -149,9 +151,10 @@ def _range(stats, method: CalibrationMethod, percentile: float, symmetric: bool)
         cdf = np.cumsum(stats.counts) / stats.counts.sum()
         threshold = (int(np.searchsorted(cdf, percentile / 100.0)) + 1) * width
     elif method == CalibrationMethod.KL:
-        threshold = _kl_threshold(stats.counts, 256 if one_sided else 128) * width
+        threshold = _kl_threshold(stats.counts, 2**bits if one_sided else 2 ** (bits - 1)) * width
     else:
-        threshold = _mse_threshold(stats.counts, width, 255 if one_sided else 127)
+        levels = 2**bits - 1 if one_sided else 2 ** (bits - 1) - 1
+        threshold = _mse_threshold(stats.counts, width, levels)
     threshold = min(threshold, stats.edge)
     return max(stats.lo, -threshold), min(stats.hi, threshold)
 

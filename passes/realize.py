@@ -230,6 +230,16 @@ def _to_unsigned(func: relax.Function) -> relax.Function:
         return relax.op.dequantize(data, call.args[1], shift_zero(call.args[2]),
                                    axis=call.attrs.axis, out_dtype=call.attrs.out_dtype)
 
+    def clamp(call, m):  # a narrow activation's levels move with its zero point
+        q = m[quantized]
+        if q.attrs.out_dtype != "int8" or scalar(q.args[1]) is None:
+            return call
+        lo, hi = (int(getattr(arg.value, "value", arg.value)) + 128 for arg in call.args[1:3])
+        return relax.op.clip(quantize(q, m), lo, hi)
+
+    quantized = quantize_pattern()
+    narrow = is_op("relax.clip")(quantized, wildcard(), wildcard())
+    func = relax.dpl.rewrite_call(narrow, clamp, func)
     func = relax.dpl.rewrite_call(quantize_pattern(), quantize, func)
     func = relax.dpl.rewrite_call(dequantize_pattern(), dequantize, func)
     return _Retype().visit_expr(func)

@@ -30,7 +30,7 @@ def test_qconfig_defaults_and_strings():
     [
         ({"weight_bits": 9}, r"weight_bits=9 is not valid; use an integer from 2 to 8"),
         ({"weight_bits": True}, r"weight_bits=True is not valid"),
-        ({"activation_bits": 4}, r"activation_bits=4 is not supported; use 8"),
+        ({"activation_bits": 6}, r"activation_bits=6 is not supported; use 8 or 4"),
         ({"calibration": "entropy"}, r"calibration 'entropy' is not valid; choose one of: "
                                      r"minmax, percentile, kl, mse"),
         ({"weight_granularity": "per_row"}, r"weight_granularity 'per_row' is not valid"),

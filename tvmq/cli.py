@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import ConfigError, InputError, TvmqError
+from .qconfig import QConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "mixed"])
     graph.add_argument("--calibration-data",
                        help="an .npz (arrays named after the inputs) or a directory of .npz/.npy")
+    graph.add_argument("--activation-bits", type=int, choices=[8, 4], default=None,
+                       help="bits of the activations the quantized layers read (4: W4A4 with "
+                            "--quantize int4, W8A4 with int8; default 8)")
+    graph.add_argument("--calibration-method", default=None,
+                       choices=["minmax", "percentile", "kl", "mse"],
+                       help="how activation ranges are chosen (default minmax; mse suits "
+                            "4-bit activations)")
     for kind, example in (("size", "0.6 or 1.5MB"), ("latency", "0.6 or 2ms"),
                           ("bops", "0.6 or 3G")):
         graph.add_argument(f"--{kind}-budget", metavar="B",
@@ -173,10 +181,16 @@ def _input_shapes(text: str) -> dict[str, tuple[int, ...]]:
 def _graph_options(args) -> dict:
     """The options ``compile`` and ``tune`` share, as ``tvmq.compile`` keywords (which are
     also the CompileConfig fields)."""
-    if args.calibration_data and args.quantize == "none":
-        raise ConfigError("--calibration-data is only used with --quantize int8, int4 or mixed")
+    quantizer = {"activation_bits": args.activation_bits, "calibration": args.calibration_method}
+    given = {k: v for k, v in quantizer.items() if v is not None}
+    for flag, value in (("--calibration-data", args.calibration_data),
+                        ("--activation-bits", args.activation_bits),
+                        ("--calibration-method", args.calibration_method)):
+        if value is not None and args.quantize == "none":
+            raise ConfigError(f"{flag} is only used with --quantize int8, int4 or mixed")
     return {
         "quantize": args.quantize,
+        "qconfig": QConfig(**given) if given else None,
         "calibration_data": args.calibration_data,
         "size_budget": args.size_budget,
         "latency_budget": args.latency_budget,

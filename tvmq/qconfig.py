@@ -40,9 +40,9 @@ class CalibrationMethod(StrEnum):
     MSE = "mse"
 
 
-# Activations live in an int8 container and requantize clamps to its range; narrower
-# activations come with the INT4 mode, weights may already be narrower.
-_ACTIVATION_BITS = (8,)
+# Activations live in an int8 (or uint8) container; 4-bit ones are clamped to 16 levels
+# (a W4A4 layer reads them). Weights may be narrower still.
+_ACTIVATION_BITS = (4, 8)
 _WEIGHT_BITS = range(2, 9)
 
 
@@ -59,6 +59,11 @@ def _check_weight_bits(bits, where: str) -> None:
         raise ConfigError(f"{where} weight_bits={bits!r} is not valid; use an integer from 2 to 8")
 
 
+def _check_activation_bits(bits, where: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _ACTIVATION_BITS:
+        raise ConfigError(f"{where} activation_bits={bits!r} is not supported; use 8 or 4")
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     """Per-layer settings that replace the ``QConfig`` defaults; ``None`` keeps the default."""
@@ -66,10 +71,13 @@ class LayerOverride:
     weight_bits: int | None = None
     weight_granularity: Granularity | None = None
     activation_scheme: ActivationScheme | None = None
+    activation_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.weight_bits is not None:
             _check_weight_bits(self.weight_bits, "override")
+        if self.activation_bits is not None:
+            _check_activation_bits(self.activation_bits, "override")
         if self.weight_granularity is not None:
             object.__setattr__(
                 self,
@@ -93,7 +101,8 @@ class QConfig:
     weight_bits : int
         Bits of the (symmetric) weights, 2 to 8; kept in int8 containers.
     activation_bits : int
-        Bits of the activations (8).
+        Bits of the activations a layer reads: 8, or 4 (16 levels, in the same int8 / uint8
+        container; a tensor read by an 8-bit layer stays 8-bit, see ``passes/annotate.py``).
     weight_granularity : Granularity
         One scale per output channel (default) or per tensor.
     activation_scheme : ActivationScheme
@@ -131,12 +140,7 @@ class QConfig:
                 f"QConfig weight_group_size={group!r} is not valid; use an integer >= 2 "
                 "(e.g. 32) or None for per-channel scales"
             )
-        bits = self.activation_bits
-        if isinstance(bits, bool) or bits not in _ACTIVATION_BITS:
-            raise ConfigError(
-                f"QConfig activation_bits={bits!r} is not supported; use 8 "
-                "(narrower activations come with --quantize int4)"
-            )
+        _check_activation_bits(self.activation_bits, "QConfig")
         object.__setattr__(
             self, "weight_granularity",
             _enum(Granularity, self.weight_granularity, "QConfig weight_granularity"),
@@ -193,6 +197,14 @@ class QConfig:
         for pattern, override in self.overrides.items():
             if fnmatch.fnmatchcase(layer, pattern) and override.weight_bits is not None:
                 bits = override.weight_bits
+        return bits
+
+    def activation_bits_for(self, layer: str) -> int:
+        """The activation bits this layer reads, after per-layer overrides."""
+        bits = self.activation_bits
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern) and override.activation_bits is not None:
+                bits = override.activation_bits
         return bits
 
     def for_layer(self, layer: str) -> tuple[int, Granularity, ActivationScheme]:
