@@ -118,17 +118,21 @@ def _accuracy(predict: Callable[[np.ndarray], np.ndarray]) -> float:
     return hits / len(labels)
 
 
-def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, str | None, bool]]:
-    """(label, mode, size budget, shipped records) of each tvmq build: FP32 and INT8 without
-    and with the shipped tuning records, INT4 (W4A8), and mixed INT4/INT8 at each size budget
-    (a fraction of the INT8 weight bytes)."""
+def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, dict]]:
+    """(label, mode, compile options) of each tvmq build: FP32 and INT8 without and with the
+    shipped tuning records, INT4 (W4A8), W4A4 (4-bit activations, MSE calibration), and mixed
+    INT4/INT8 at each size budget (a fraction of the INT8 weight bytes)."""
+    shipped = {"shipped_records": True}
     return [
-        ("tvmq-fp32", QuantizeMode.NONE, None, False),
-        ("tvmq-fp32-shipped", QuantizeMode.NONE, None, True),
-        ("tvmq-int8", QuantizeMode.INT8, None, False),
-        ("tvmq-int8-shipped", QuantizeMode.INT8, None, True),
-        ("tvmq-int4", QuantizeMode.INT4, None, True),
-        *((f"tvmq-mixed-{b}", QuantizeMode.MIXED, b, True) for b in budgets),
+        ("tvmq-fp32", QuantizeMode.NONE, {"shipped_records": False}),
+        ("tvmq-fp32-shipped", QuantizeMode.NONE, shipped),
+        ("tvmq-int8", QuantizeMode.INT8, {"shipped_records": False}),
+        ("tvmq-int8-shipped", QuantizeMode.INT8, shipped),
+        ("tvmq-int4", QuantizeMode.INT4, shipped),
+        ("tvmq-w4a4", QuantizeMode.INT4,
+         {**shipped, "qconfig": tvmq.QConfig(activation_bits=4, calibration="mse")}),
+        *((f"tvmq-mixed-{b}", QuantizeMode.MIXED, {**shipped, "size_budget": b})
+          for b in budgets),
     ]
 
 
@@ -181,15 +185,12 @@ def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str]
             cell.accuracy = _accuracy(lambda x, m=model: next(iter(m.run(input=x).values())))
         return cell
 
-    for label, mode, budget, shipped in tvmq_builds(budgets):
+    for label, mode, options in tvmq_builds(budgets):
         if builds is not None and label not in builds:
             continue
         if mode not in BUILT_QUANTIZE_MODES:
             cells.append(Cell(label, note="not built yet"))
             continue
-        options = {"shipped_records": shipped}
-        if mode is QuantizeMode.MIXED:
-            options["size_budget"] = budget  # INT4/INT8 per layer within this of INT8 bytes
         cells.append(build(label, mode, **options))
     for prefix, mode in TUNED:
         if not tune_trials or (builds is not None and prefix not in builds):
