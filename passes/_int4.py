@@ -11,7 +11,7 @@ constant folding can widen the weights back into an int8 constant before the bui
 from __future__ import annotations
 
 import numpy as np
-from tvm import te, topi
+from tvm import te, tirx, topi
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -36,6 +36,56 @@ def unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
     count = int(np.prod(shape))
     nibbles = np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:count].astype("int8")
     return ((nibbles ^ 8) - 8).astype("int8").reshape(shape)
+
+
+def pack_int4_rows(values: np.ndarray) -> np.ndarray:
+    """int4 values [..., K] (K even) -> int8 bytes [..., K / 2], each row packed as
+    :func:`pack_int4` packs (element 2q in the low nibble of byte q): the s4 tensor-core
+    fragments' order (``schedules/cuda_int4.py``)."""
+    values = np.asarray(values)
+    assert values.shape[-1] % 2 == 0, "rows of int4 pairs"
+    return pack_int4(values).view(np.int8).reshape(*values.shape[:-1], -1)
+
+
+def unpack_int4_rows(packed: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`pack_int4_rows`: int8 bytes [..., K / 2] -> int4 values [..., K]."""
+    packed = np.asarray(packed)
+    shape = (*packed.shape[:-1], 2 * packed.shape[-1])
+    return unpack_int4(packed.view(np.uint8).reshape(-1), shape)
+
+
+def pack_int4_te(values: te.Tensor) -> te.Tensor:
+    """TE: int4 values in int8 [..., K] -> packed int8 [..., K / 2] (run-time activations)."""
+    *lead, depth = (int(d) for d in values.shape)
+
+    def byte(*index):
+        *rest, q = index
+        low = values[(*rest, 2 * q)] & tirx.const(0xF, "int8")
+        return low | (values[(*rest, 2 * q + 1)] << tirx.const(4, "int8"))
+
+    return te.compute((*lead, depth // 2), byte, name="pack_int4")
+
+
+def int4_matmul(a_packed: te.Tensor, b_packed: te.Tensor) -> te.Tensor:
+    """TE: packed int4 ``a[M, K/2]`` times packed int4 ``b[N, K/2]`` (transposed) -> int32,
+    the form ``schedules/cuda_int4.py`` puts on s4 tensor cores. The int4 buffers exist only
+    as fragments there: a CPU (whose codegen mishandles int4) cannot run this kernel."""
+    rows, half = (int(d) for d in a_packed.shape)
+    cols = int(b_packed.shape[0])
+    depth = 2 * half
+    a4 = te.compute((rows, depth), lambda i, k: _nibble(a_packed, i, k), name="unpack_a")
+    b4 = te.compute((cols, depth), lambda j, k: _nibble(b_packed, j, k), name="unpack_b")
+    k = te.reduce_axis((0, depth), name="k")
+    return te.compute(
+        (rows, cols),
+        lambda i, j: te.sum(a4[i, k].astype("int32") * b4[j, k].astype("int32"), axis=k),
+        name="int4_matmul",
+    )
+
+
+def _nibble(packed, row, k):
+    shift = (k % 2 * 4).astype("int8")
+    return (packed[row, k // 2] >> shift).astype("int4")
 
 
 def factor_groups(

@@ -37,13 +37,18 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 from . import conv_blocked, matmul_blocked
 from ._conv import Conv2D, IntDot
 from ._int4 import (
+    INT4_MAX,
+    INT4_MIN,
     blocked_conv_origin,
     blocked_matmul_origin,
     conv2d_int4,
     factor_groups,
     fits_int4,
+    int4_matmul,
     matmul_int4,
     pack_int4,
+    pack_int4_rows,
+    pack_int4_te,
     unpacked,
 )
 from ._qdq import (
@@ -76,7 +81,9 @@ class _Patterns:
     """The QDQ shapes realize rewrites; the rewriters read the matched pieces by name."""
 
     def __init__(self) -> None:
-        self.x = wildcard()
+        # A 4-bit activation: the integer clamp to its 16 levels (annotate's narrow point).
+        self.x_narrow = is_op("relax.clip")(wildcard(), wildcard(), wildcard())
+        self.x = self.x_narrow | wildcard()
         self.dq_x = dequantize_pattern(self.x)
         self.w_int = is_const()
         self.w_dq = dequantize_pattern(self.w_int)
@@ -126,18 +133,23 @@ class RealizeQuantization:
         blocked order and unpacked inside them) instead of a generic integer conv/matmul.
     int_dot : IntDot
         The target's integer multiply, the form of those blocked kernels.
+    int4_tensor_cores : bool
+        The target multiplies int4 by int4 (CUDA sm_75..sm_89, s4 WMMA): matmuls with int4
+        weights that read 4-bit activations (W4A4) are built as the packed int4 kernel
+        that ``schedules/cuda_int4.py`` puts on tensor cores.
     """
 
     def __init__(self, *, unsigned_activations: bool = False, weight_block: int | None = None,
-                 int_dot: IntDot = IntDot.WIDE) -> None:
+                 int_dot: IntDot = IntDot.WIDE, int4_tensor_cores: bool = False) -> None:
         self.unsigned_activations = unsigned_activations
         self.weight_block = weight_block
         self.int_dot = int_dot
+        self.int4_tensor_cores = int4_tensor_cores
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         mod = mod.clone()
         kernels = _Kernels({gv.name_hint for gv in mod.get_global_vars()},
-                           self.weight_block, self.int_dot)
+                           self.weight_block, self.int_dot, self.int4_tensor_cores)
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
@@ -153,10 +165,11 @@ class _Kernels:
     """The int4 kernels (unpack fused into conv / matmul) realize adds to the module."""
 
     def __init__(self, taken: set[str], weight_block: int | None = None,
-                 int_dot: IntDot = IntDot.WIDE) -> None:
+                 int_dot: IntDot = IntDot.WIDE, int4_tensor_cores: bool = False) -> None:
         self.taken = taken
         self.weight_block = weight_block
         self.int_dot = int_dot
+        self.int4_tensor_cores = int4_tensor_cores
         self.builder = relax.BlockBuilder()  # gives each GlobalVar its function type
         self.group_size = 0  # group-wise INT4 weights: annotate's group size, from the report
         self.added: list[tuple[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]] = []
@@ -319,13 +332,17 @@ def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool,
         if not fits_int4(w_int) and kernels.group_size:
             grouped = factor_groups(w_int, axis=0 if is_conv else 1,
                                     group_size=kernels.group_size)
-        if fits_int4(w_int) or grouped is not None:
+        acc = None
+        if (kernels.int4_tensor_cores and not is_conv and grouped is None
+                and fits_int4(w_int) and _is_int4(m.get(p.x_narrow))):
+            # W4A4 on s4 tensor cores: both operands packed, the product in the MMA.
+            acc = _int4_mma_matmul(x, w_int, kernels)
+        if acc is None and (fits_int4(w_int) or grouped is not None):
             # INT4 weights: stored two per byte, unpacked inside the kernel.
             acc = _int4_kernel(anchor, x, zx, x_dtype, w_int, kernels, grouped)
-        elif is_conv:
-            acc = _int_conv(anchor, x, zx, w_const)
-        else:
-            acc = relax.op.matmul(x, w_const, out_dtype="int32")
+        if acc is None:
+            acc = (_int_conv(anchor, x, zx, w_const) if is_conv
+                   else relax.op.matmul(x, w_const, out_dtype="int32"))
         ndim = len(anchor.ty.shape)
         axis = 1 if is_conv else ndim - 1
         acc = relax.op.add(acc, relax.const(channel_shape(constant, ndim, axis), "int32"))
@@ -410,6 +427,38 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
     if mult is not None:
         args.append(relax.const(mult, "uint8"))
     return relax.call_tir(gv, args, out_ty)
+
+
+def _is_int4(clip: relax.Call | None) -> bool:
+    """Whether an integer clamp keeps its values within int4, [-8, 7]."""
+    if clip is None:
+        return False
+    lo, hi = (float(getattr(arg.value, "value", arg.value)) for arg in clip.args[1:3])
+    return INT4_MIN <= lo and hi <= INT4_MAX
+
+
+def _int4_mma_matmul(x: relax.Expr, w_int: np.ndarray, kernels: _Kernels) -> relax.Expr | None:
+    """``x @ w_int`` for int4 values on both sides as the s4 tensor-core kernel
+    (``_int4.int4_matmul``): x flattened to rows and packed at run time, the weight
+    transposed (K-major) and packed here. None where the shapes do not fit its tiles
+    (rows and columns multiples of 8, depth of 32)."""
+    shape = [int(d) for d in x.ty.shape]
+    *lead, depth = shape
+    rows, cols = int(np.prod(lead)), int(w_int.shape[1])
+    if rows % 8 or cols % 8 or depth % 32:
+        return None
+    x_te = te.placeholder(shape, "int8", name="x")
+    packed_x = pack_int4_te(topi.reshape(x_te, [rows, depth]) if len(shape) != 2 else x_te)
+    pack = kernels.add("pack_int4", te.create_prim_func([x_te, packed_x],
+                                                        index_dtype_override="int64"))
+    packed = relax.call_tir(pack, [x], relax.TensorType([rows, depth // 2], "int8"))
+    a_te = te.placeholder([rows, depth // 2], "int8", name="a_packed")
+    b_te = te.placeholder([cols, depth // 2], "int8", name="b_packed")
+    gv = kernels.add("int4_matmul", te.create_prim_func(
+        [a_te, b_te, int4_matmul(a_te, b_te)], index_dtype_override="int64"))
+    weight = relax.const(pack_int4_rows(np.ascontiguousarray(w_int.T)), "int8")
+    acc = relax.call_tir(gv, [packed, weight], relax.TensorType([rows, cols], "int32"))
+    return relax.op.reshape(acc, [*lead, cols]) if len(shape) != 2 else acc
 
 
 def _blocked_conv_int4(anchor: relax.Call, x: relax.Expr, q: np.ndarray, kernels: _Kernels):

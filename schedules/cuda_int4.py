@@ -3,12 +3,13 @@
 TVM registers ``wmma_sync_8x8x32_s4s4s32_trans`` but no rule of its own uses it, and its
 int4 buffers cannot come from the graph: tvmq keeps int4 values in int8 containers and,
 where they are stored, packs two per byte (DESIGN.md). So the int4 kernel is written
-here, with the form this rule recognizes:
+by realize (``passes/_int4.py`` ``int4_matmul``, for W4A4 matmuls on these targets),
+with the form this rule recognizes:
 
 * operands are packed bytes: ``a[M, K/2]`` and ``b[N, K/2]`` (int8, element ``2q`` in the
   low nibble of byte ``q`` and ``2q + 1`` in the high one: the order the s4 fragments
   use, so a packed row is copied to shared memory unchanged). ``b`` is the weight
-  transposed (K-major, the col_major ``matrix_b`` of the intrinsic). ``pack_int4`` packs
+  transposed (K-major, the col_major ``matrix_b`` of the intrinsic). ``pack_int4_rows`` packs
   a constant weight at compile time; ``pack_int4_te`` packs an activation at run time;
 * two ``unpack_*`` blocks read one nibble each into an ``int4`` buffer
   (``int4(byte >> 4 * (k % 2))``: the cast keeps the low four bits, two's complement);
@@ -24,8 +25,7 @@ M and N must be multiples of 8 and K of 32; the rule does not pad.
 
 from __future__ import annotations
 
-import numpy as np
-from tvm import s_tir, te, tirx
+from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
@@ -45,59 +45,16 @@ _INTRINS = {
 }
 
 
-def pack_int4(values: np.ndarray) -> np.ndarray:
-    """int4 values in an int8 array [..., K] (K even) -> packed int8 bytes [..., K / 2]."""
-    values = np.asarray(values)
-    assert values.shape[-1] % 2 == 0 and values.min() >= -8 and values.max() <= 7
-    nibbles = (values.astype(np.int16) & 0xF).astype(np.uint8)
-    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).view(np.int8)
-
-
-def unpack_int4(packed: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`pack_int4`: int8 bytes [..., K / 2] -> int4 values [..., K]."""
-    packed = np.asarray(packed).view(np.uint8).astype(np.int16)
-    nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
-
-
-def pack_int4_te(values: te.Tensor) -> te.Tensor:
-    """TE: int4 values in int8 [..., K] -> packed int8 [..., K / 2] (run-time activations)."""
-    *lead, depth = (int(d) for d in values.shape)
-
-    def byte(*index):
-        *rest, q = index
-        low = values[(*rest, 2 * q)] & tirx.const(0xF, "int8")
-        return low | (values[(*rest, 2 * q + 1)] << tirx.const(4, "int8"))
-
-    return te.compute((*lead, depth // 2), byte, name="pack_int4")
-
-
-def int4_matmul(a_packed: te.Tensor, b_packed: te.Tensor) -> te.Tensor:
-    """TE: packed int4 ``a[M, K/2]`` times packed int4 ``b[N, K/2]`` (transposed) -> int32."""
-    rows, half = (int(d) for d in a_packed.shape)
-    cols = int(b_packed.shape[0])
-    depth = 2 * half
-    a4 = te.compute((rows, depth), lambda i, k: _nibble(a_packed, i, k), name="unpack_a")
-    b4 = te.compute((cols, depth), lambda j, k: _nibble(b_packed, j, k), name="unpack_b")
-    k = te.reduce_axis((0, depth), name="k")
-    return te.compute(
-        (rows, cols),
-        lambda i, j: te.sum(a4[i, k].astype("int32") * b4[j, k].astype("int32"), axis=k),
-        name="int4_matmul",
-    )
-
-
-def _nibble(packed, row, k):
-    shift = (k % 2 * 4).astype("int8")
-    return (packed[row, k // 2] >> shift).astype("int4")
+def int4_tensor_cores(target: Target) -> bool:
+    """Whether the target has s4 WMMA: sm_75..sm_89 (sm_90 dropped it from the fast path)."""
+    return target.kind.name == "cuda" and 75 <= sm_version(target) < 90
 
 
 class Int4TensorCoreMatmul(GPUScheduleRule):
     """The kernel of :func:`int4_matmul` (plus epilogue) on s4 WMMA tensor cores."""
 
     def is_target_available(self, target: Target) -> bool:
-        # int4 MMA exists on sm_75..sm_89; sm_90 dropped it from the fast path.
-        return super().is_target_available(target) and 75 <= sm_version(target) < 90
+        return super().is_target_available(target) and int4_tensor_cores(target)
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):

@@ -7,17 +7,16 @@ selects them; without a GPU they skip).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
 from tvm import relax
-from tvmq.schedules.cuda_int4 import (
-    Int4TensorCoreMatmul,
-    int4_matmul,
-    pack_int4,
-    pack_int4_te,
-    unpack_int4,
-)
+from tvmq.passes._int4 import int4_matmul, pack_int4_te
+from tvmq.passes._int4 import pack_int4_rows as pack_int4
+from tvmq.passes._int4 import unpack_int4_rows as unpack_int4
+from tvmq.schedules.cuda_int4 import Int4TensorCoreMatmul
 
 import tvmq
 
@@ -177,3 +176,81 @@ def test_fp16_conv_numbers(tmp_path):
     want = _run(tvmq.compile(mod, target="cuda-sm80", conv_algorithm="direct"), tmp_path, x=x)
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
                                rtol=2e-2, atol=2e-1)
+
+
+def _w4a4_model(rows=16):
+    """[1, rows, 64] -> dense 64x32 + ReLU -> dense 32x32: a transformer's matmuls in small."""
+    rng = np.random.default_rng(2)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, rows, 64), "float32"))
+    w1 = relax.const(rng.normal(0, 0.2, (64, 32)).astype("float32"))
+    w2 = relax.const(rng.normal(0, 0.2, (32, 32)).astype("float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, w1)))
+            out = bb.emit_output(relax.op.matmul(y, w2))
+        bb.emit_func_output(out)
+    calibration = [{"x": rng.random((1, rows, 64), dtype=np.float32)} for _ in range(4)]
+    return bb.get(), calibration
+
+
+def _kernel_bodies(source: str, prefix: str) -> dict[str, str]:
+    """The CUDA C definitions of the kernels whose names start with ``prefix``, by name."""
+    bodies = {}
+    for part in source.split('extern "C" __global__ void')[1:]:
+        head, brace, _ = part.partition("{")
+        name = re.search(r"(\w+)\(", head.replace("__launch_bounds__(", "")).group(1)
+        if brace and name.startswith(prefix):
+            bodies[name] = part
+    return bodies
+
+
+@pytest.mark.parametrize("target", SM8X)
+def test_w4a4_matmuls_run_on_s4_tensor_cores(target):
+    mod, calibration = _w4a4_model()
+    artifact = tvmq.compile(mod, target=target, quantize="int4", calibration_data=calibration,
+                            qconfig=tvmq.QConfig(activation_bits=4))
+    bodies = _kernel_bodies(_cuda(artifact), "int4_matmul")
+    assert len(bodies) == 2  # both layers
+    assert all(S4_FRAGMENT in body and WMMA in body for body in bodies.values())
+
+
+@pytest.mark.parametrize(("target", "bits", "rows"), [("cuda-sm86", 8, 16),  # W4A8
+                                                      ("cuda-sm90", 4, 16),  # no s4 MMA
+                                                      ("cuda-sm86", 4, 12)])  # 12 rows
+def test_int4_tensor_cores_only_for_w4a4_that_fits(target, bits, rows):
+    mod, calibration = _w4a4_model(rows)
+    artifact = tvmq.compile(mod, target=target, quantize="int4", calibration_data=calibration,
+                            qconfig=tvmq.QConfig(activation_bits=bits))
+    assert S4_FRAGMENT not in _cuda(artifact)
+    assert not any(name.startswith("int4_matmul") for name in artifact.manifest["kernels"])
+
+
+def test_w4a4_realize_packs_what_the_tensor_cores_multiply():
+    # The int4 kernel cannot run on a CPU; what feeds it can: the weight constant is the
+    # layer's int4 weights transposed and packed by rows, and the activation pack kernel
+    # packs exactly as numpy does.
+    from tvmq.passes import AnnotateQuantization, Calibrate, RealizeQuantization
+
+    mod, calibration = _w4a4_model()
+    qconfig = tvmq.QConfig(weight_bits=4, activation_bits=4)
+    calibrated = Calibrate(calibration, report_batches=0)(AnnotateQuantization(qconfig)(mod))
+    realized = RealizeQuantization(int4_tensor_cores=True)(calibrated)
+    weights = [v.args[0].value.numpy() for v in
+               relax.analysis.get_var2val(calibrated["main"]).values()
+               if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.dequantize"
+               and isinstance(v.args[0], tvm.ir.expr.Constant)]
+    calls = [v for v in relax.analysis.get_var2val(realized["main"]).values()
+             if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir"]
+    matmuls = [c for c in calls if c.args[0].name_hint.startswith("int4_matmul")]
+    assert len(matmuls) == 2
+    for call, w_int in zip(matmuls, weights, strict=True):
+        packed = call.args[1].fields[1].value.numpy()
+        np.testing.assert_array_equal(unpack_int4(packed), w_int.T)
+    pack = next(c.args[0] for c in calls if c.args[0].name_hint.startswith("pack_int4"))
+    prim = realized[pack].with_attr("global_symbol", "main")
+    values = np.random.default_rng(3).integers(-8, 8, (1, 16, 64)).astype(np.int8)
+    lib = tvm.compile(tvm.IRModule({"main": prim}), target="llvm")
+    out = tvm.runtime.tensor(np.zeros((16, 32), np.int8))
+    lib["main"](tvm.runtime.tensor(values), out)
+    np.testing.assert_array_equal(out.numpy(), pack_int4(values.reshape(16, 64)))

@@ -37,6 +37,7 @@ from .qconfig import QConfig
 from .schedules import default_schedule_passes
 from .schedules.apply_records import ApplyTuningRecords
 from .schedules.cpu_common import weight_block
+from .schedules.cuda_int4 import int4_tensor_cores
 from .schedules.shipped import shipped_records
 from .schedules.verify import runs_here
 
@@ -79,8 +80,10 @@ def pipeline(
         # LegalizeOps lowers it; a module without QDQ passes through unchanged.
         # (uint8 activations, zero point + 128, where the kernels multiply u8 x s8: VNNI.)
         # INT4 layers are built as the CPU's blocked kernels, their weights unpacked inside.
+        # W4A4 matmuls on CUDA sm_75..sm_89 multiply int4 by int4 on tensor cores.
         RealizeQuantization(unsigned_activations=int_dot(preset) is IntDot.QUADS,
-                            weight_block=weight_block(tvm_target), int_dot=int_dot(preset)),
+                            weight_block=weight_block(tvm_target), int_dot=int_dot(preset),
+                            int4_tensor_cores=int4_tensor_cores(tvm_target)),
         # Each float convolution takes its algorithm: direct, im2col + GEMM or Winograd.
         _conv_algorithm_pass(preset, config),
         # Matmuls with constant weights read them blocked by output column (CPUs).
