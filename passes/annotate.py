@@ -29,6 +29,7 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ..errors import PipelineError
 from ..qconfig import ActivationScheme, Granularity, QConfig
+from ._int4 import stores_packed
 from ._qdq import (
     BITS_ATTR,
     QPOINTS_ATTR,
@@ -302,8 +303,9 @@ class _Plan:
             weight_bits=bits,
             weight_granularity=granularity.value,
             weight_scales=[float(s) for s in scale],
-            # Realize stores weights that fit in 4 bits two per byte.
-            weight_bytes=(weight.size + 1) // 2 + extra if bits <= 4 else weight.size,
+            # Realize stores weights that fit in 4 bits two per byte (not depthwise ones).
+            weight_bytes=((weight.size + 1) // 2 + extra if bits <= 4
+                          and stores_packed(layer.call) else weight.size),
             macs=macs,
             bops=macs * bits * self.input_bits(layer),
         )

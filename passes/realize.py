@@ -49,6 +49,7 @@ from ._int4 import (
     pack_int4,
     pack_int4_rows,
     pack_int4_te,
+    stores_packed,
     unpacked,
 )
 from ._qdq import (
@@ -329,7 +330,8 @@ def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool,
         # The zero point's dtype is the activation's (uint8 after _to_unsigned).
         x_dtype = str(m[p.dq_x].args[2].value.dtype)
         grouped = None
-        if not fits_int4(w_int) and kernels.group_size:
+        packs = stores_packed(anchor)
+        if packs and not fits_int4(w_int) and kernels.group_size:
             grouped = factor_groups(w_int, axis=0 if is_conv else 1,
                                     group_size=kernels.group_size)
         acc = None
@@ -337,7 +339,7 @@ def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool,
                 and fits_int4(w_int) and _is_int4(m.get(p.x_narrow))):
             # W4A4 on s4 tensor cores: both operands packed, the product in the MMA.
             acc = _int4_mma_matmul(x, w_int, kernels)
-        if acc is None and (fits_int4(w_int) or grouped is not None):
+        if acc is None and packs and (fits_int4(w_int) or grouped is not None):
             # INT4 weights: stored two per byte, unpacked inside the kernel.
             acc = _int4_kernel(anchor, x, zx, x_dtype, w_int, kernels, grouped)
         if acc is None:

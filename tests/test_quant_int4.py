@@ -89,6 +89,12 @@ def test_int4_conv2d_bit_exact_and_packed(groups, channels, relu):
     np.testing.assert_array_equal(_run(realized, [x]), expected)
     unsigned = _run(RealizeQuantization(unsigned_activations=True)(mod), [x])
     np.testing.assert_array_equal(unsigned.astype(int) - 128, expected)
+    if groups == channels:
+        # Depthwise: int4 values kept in int8 for the INT8 depthwise kernel (stores_packed).
+        assert [c for c in _constants(realized) if c.dtype == np.int8 and c.size == wq.size]
+        assert not any(gv.name_hint.startswith("conv2d_int4")
+                       for gv in realized.get_global_vars())
+        return
     # The weights live in the module packed: uint8, half the int8 bytes, no int8 copy.
     packed = [c for c in _constants(realized) if c.dtype == np.uint8]
     assert [c.size for c in packed] == [(wq.size + 1) // 2]
