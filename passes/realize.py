@@ -21,6 +21,13 @@ compute, unpack then integer conv2d / matmul, added to the module and called wit
 (``QConfig.weight_group_size``: ``q * m`` with a uint8 multiplier ``m`` per group) are split
 back into packed ``q`` and ``m``, and the kernel multiplies them while unpacking.
 
+4-bit activations (annotate's ``dequantize(clip(quantize(x), -8, 7))``) keep their clamp as
+an integer clip after the producing kernel's requantize. Where the target multiplies int4 by
+int4 (``int4_tensor_cores``: CUDA sm_75..sm_89), a matmul with int4 weights that reads such
+an activation becomes the packed int4 kernel the s4 tensor-core rule schedules
+(``_int4.int4_matmul``). Depthwise convolutions keep int4 weights in int8
+(``_int4.stores_packed``) and run the INT8 depthwise kernel.
+
 ``unsigned_activations=True`` keeps every activation in uint8 with its zero point shifted by
 128, the operand form x86 VNNI (u8 x s8) wants; the zero-point compensation in each layer's
 bias constant absorbs the shift, so the results are bit-identical.
