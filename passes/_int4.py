@@ -32,6 +32,21 @@ def stores_packed(call) -> bool:
     return groups == 1 or int(call.args[1].ty.shape[1]) != 1
 
 
+def stored_weight_bytes(call, shape, *, bits: int, axis: int | None,
+                        group_size: int | None) -> int:
+    """The bytes realize stores a layer's weights in: two per byte at 4 bits or fewer (plus
+    one uint8 multiplier per group when group-wise), one per weight otherwise or where the
+    layer keeps them unpacked (:func:`stores_packed`)."""
+    size = int(np.prod(shape))
+    if bits > 4 or not stores_packed(call):
+        return size
+    extra = 0
+    if group_size is not None and axis is not None:
+        channels = int(shape[axis])
+        extra = channels * -(-(size // channels) // group_size)
+    return (size + 1) // 2 + extra
+
+
 def pack_int4(values: np.ndarray) -> np.ndarray:
     """Flat int4 values (in any integer container) -> uint8, two per byte, low nibble first."""
     flat = np.asarray(values, dtype="int64").reshape(-1)

@@ -228,13 +228,19 @@ def activation_bounds(
     name = act.op.name
     if name == "relax.nn.relu":
         return max(lo, zero_point), hi
-    # relax.clip's bounds: PrimValues of an IntImm / FloatImm (or, read back, a number).
-    low, high = (float(getattr(arg.value, "value", arg.value)) for arg in act.args[1:3])
+    low, high = clip_bounds(act)
     if np.isfinite(low):
         lo = max(lo, zero_point + int(np.round(low / scale)))
     if np.isfinite(high):
         hi = min(hi, zero_point + int(np.round(high / scale)))
     return lo, max(lo, hi)
+
+
+def clip_bounds(clip: relax.Call) -> tuple[float, float]:
+    """The (min, max) of a ``relax.clip``: PrimValues of an IntImm / FloatImm (or, read back,
+    a number)."""
+    low, high = (float(getattr(arg.value, "value", arg.value)) for arg in clip.args[1:3])
+    return low, high
 
 
 def const_value(expr: relax.Expr) -> np.ndarray:

@@ -29,7 +29,7 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ..errors import PipelineError
 from ..qconfig import ActivationScheme, Granularity, QConfig
-from ._int4 import stores_packed
+from ._int4 import stored_weight_bytes
 from ._qdq import (
     BITS_ATTR,
     QPOINTS_ATTR,
@@ -292,20 +292,16 @@ class _Plan:
         if group is not None and bits <= 4 and axis is not None:
             # Group-wise INT4: q * m in the int8 container, the per-channel scale outside.
             q, scale = quantize_weight_grouped(weight, axis=axis, bits=bits, group_size=group)
-            channels = weight.shape[axis]
-            extra = channels * -(-(weight.size // channels) // group)  # one uint8 m per group
             layer.record["weight_group_size"] = group
         else:
             q, scale = quantize_weight(weight, axis=axis, bits=bits)
-            extra = 0
         macs = weight_macs(layer.call)
         layer.record.update(
             weight_bits=bits,
             weight_granularity=granularity.value,
             weight_scales=[float(s) for s in scale],
-            # Realize stores weights that fit in 4 bits two per byte (not depthwise ones).
-            weight_bytes=((weight.size + 1) // 2 + extra if bits <= 4
-                          and stores_packed(layer.call) else weight.size),
+            weight_bytes=stored_weight_bytes(layer.call, weight.shape, bits=bits, axis=axis,
+                                             group_size=group),
             macs=macs,
             bops=macs * bits * self.input_bits(layer),
         )

@@ -66,6 +66,7 @@ from ._qdq import (
     activation_bounds,
     channel_shape,
     clamp_cast,
+    clip_bounds,
     const_value,
     dequantize_pattern,
     fixed_point,
@@ -255,8 +256,8 @@ def _to_unsigned(func: relax.Function) -> relax.Function:
         q = m[quantized]
         if q.attrs.out_dtype != "int8" or scalar(q.args[1]) is None:
             return call
-        lo, hi = (int(getattr(arg.value, "value", arg.value)) + 128 for arg in call.args[1:3])
-        return relax.op.clip(quantize(q, m), lo, hi)
+        lo, hi = clip_bounds(call)
+        return relax.op.clip(quantize(q, m), int(lo) + 128, int(hi) + 128)
 
     quantized = quantize_pattern()
     narrow = is_op("relax.clip")(quantized, wildcard(), wildcard())
@@ -442,7 +443,7 @@ def _is_int4(clip: relax.Call | None) -> bool:
     """Whether an integer clamp keeps its values within int4, [-8, 7]."""
     if clip is None:
         return False
-    lo, hi = (float(getattr(arg.value, "value", arg.value)) for arg in clip.args[1:3])
+    lo, hi = clip_bounds(clip)
     return INT4_MIN <= lo and hi <= INT4_MAX
 
 

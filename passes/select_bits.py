@@ -41,7 +41,7 @@ from ..calibration_data import CalibrationSet, CalibrationSource, load_calibrati
 from ..errors import PipelineError
 from ..qconfig import QConfig
 from . import _observe
-from ._int4 import stores_packed
+from ._int4 import stored_weight_bytes
 from ._qdq import (
     BITS_ATTR,
     QPOINTS_ATTR,
@@ -170,11 +170,8 @@ class SelectBits:
                 for o, r in zip(got, ref, strict=True)
             )
             size, macs = weight.q.size, int(layer["macs"])
-            packs = weight.consumer is None or stores_packed(weight.consumer)
-            packed = (size + 1) // 2 if packs else size
-            if packs and weight.group_size is not None and weight.axis is not None:
-                channels = weight.q.shape[weight.axis]
-                packed += channels * -(-(size // channels) // weight.group_size)
+            packed = stored_weight_bytes(weight.consumer, weight.q.shape, bits=4,
+                                         axis=weight.axis, group_size=weight.group_size)
             act_bits = int(layer.get("activation_bits", 8))
             latency = self.latencies.get(layer["name"])
             if latency is None and self.measure is not None:
