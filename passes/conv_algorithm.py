@@ -96,13 +96,17 @@ def predict(conv: Conv2D, weight_block: int | None = None,
     - strided or large kernels read their input with gathers in the direct kernel: GEMM,
       unless the output is small (< 14 wide), where im2col's copy does not pay off;
     - 1x1: GEMM vectorizes across the whole image instead of one row; direct below 14x14;
-    - Winograd F(4x4,3x3) for big float 3x3 stride-1 layers: >= 128 input channels, output
-      >= 28 wide, >= 1e8 multiply-adds per output pixel-channel-product (in x out x oh x
-      ow). Measured (bench/conv_algorithms.md, AVX-512, 2 threads; Winograd / direct, ms):
-      VGG-19 256->256 at 56x56 7.25 / 10.31, 512->512 at 28x28 7.91 / 9.58, 128->128 at
-      112x112 9.98 / 10.82; it lost on every ResNet-50 3x3 layer (128->128 at 28x28 0.75 /
-      0.59, 256->256 at 14x14 0.69 / 0.59) and on VGG-19's 512->512 at 14x14 (2.53 / 2.39).
-      Each Winograd kernel costs 3-4 s of compile time;
+    - Winograd F(4x4,3x3) for float 3x3 stride-1 layers with >= 16 input channels and an
+      output >= 28 wide, on CPUs. Measured (tvmq/conv_measure.py, lone layers, AVX-512, 2
+      threads; Winograd F(4x4) / F(2x2) / direct, ms): ResNet-50 64->64 at 56x56 0.80 /
+      0.96 / 1.18, 128->128 at 28x28 0.93 / 0.80-1.28 / 1.12-1.29; VGG-19 128->128 at
+      112x112 13.1 / 13.7 / 19.2, 128->256 at 56x56 4.26 / 5.94 / 9.13, 256->256 at 56x56
+      11.3 / 13.2 / 17.5, 512->512 at 28x28 13.8 / 13.0 / 17.4, 64->64 at 224x224 18.5-20.6
+      / 15.1-15.6 / 21.4 (``measure`` finds F(2x2) there). At 14x14 the lone layer wins
+      (256->256 0.57 / 1.12) but not in a model: its transformed weight is 4x the direct
+      kernel's (9.4 MB) and comes cold from memory (ResNet-50 end to end unchanged with
+      them, 5% faster with the 56- and 28-wide ones). Each Winograd kernel costs 3-4 s of
+      compile time;
     - otherwise direct.
     """
     if conv.is_integer:
@@ -123,9 +127,8 @@ def predict(conv: Conv2D, weight_block: int | None = None,
     if (
         weight_block is not None
         and ConvAlgorithm.WINOGRAD4 in candidates(conv)
-        and in_channels >= 128
+        and in_channels >= 16
         and ow >= 28
-        and in_channels * out_channels * oh * ow >= 1e8
     ):
         return ConvAlgorithm.WINOGRAD4
     if conv_blocked.eligible(conv, weight_block) or not conv_to_gemm.eligible(conv):

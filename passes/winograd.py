@@ -59,10 +59,13 @@ def emit_winograd(builder: relax.BlockBuilder, conv: Conv2D, tile_size: int) -> 
 def winograd_compute(data, packed_weight, padding, tile_size: int, out_dtype: str):
     """TE compute of NCHW Winograd with a pre-transformed weight ``[alpha, alpha, CI, CO]``.
 
-    Tiles are numbered p = (n, tile row, tile column) and padded to a multiple of 16 so the
-    transforms and the batched GEMM vectorize across whole vectors of tiles. The input and
-    output transforms are written out as sums with the constant coefficients of B and A
-    (zeros dropped), so they are elementwise stages, not reductions.
+    Tiles are numbered p = (n, tile row, tile column), the rows padded to ``tile_columns``
+    tiles so the transforms and the batched GEMM vectorize across whole vectors of tiles
+    with affine indices. The input transform B^T d B runs in two passes: down the columns
+    of the image (``input_rows``: alpha combinations of image rows, contiguous along the
+    row) and then across each tile (``data_pack``: strided reads of a row that is in cache).
+    The transforms are written out as sums with the constant coefficients of B and A (zeros
+    dropped), so they are elementwise stages, not reductions.
     """
     from tvm import te
 
@@ -74,33 +77,32 @@ def winograd_compute(data, packed_weight, padding, tile_size: int, out_dtype: st
     top, left, bottom, right = padding
     out_h, out_w = height + top + bottom - 2, width + left + right - 2
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
-    tiles = batch * tiles_h * tiles_w
-    padded_tiles = -(-tiles // 16) * 16
+    row_tiles = tile_columns(tiles_h, tiles_w)
+    tiles = batch * tiles_h * row_tiles
+    # Rows padded to whole vectors of any CPU (16 floats): a row that ends short of one
+    # left its last vector under a predicate, which scalarized the whole row.
+    row_width = -(-(row_tiles * m + 2) // 16) * 16
     data_pad = topi.nn.pad(
         data,
         (0, 0, top, left),
-        (0, 0, tiles_h * m + 2 - height - top, tiles_w * m + 2 - width - left),
+        (0, 0, tiles_h * m + 2 - height - top, row_width - width - left),
         name="data_pad",
     )
 
-    def tile_origin(p):
-        n = p // (tiles_h * tiles_w)
-        return n, (p // tiles_w) % tiles_h * m, p % tiles_w * m
+    def row_combination(n, ci, th, eps, w):
+        return _linear(b_matrix, eps, lambda a: data_pad[n, ci, th * m + a, w], data.dtype)
 
-    def input_tile(ci, eps, nu, p):
-        n, h, w = tile_origin(tvm.tirx.min(p, tiles - 1))
-        value = data_pad[n, ci, h + eps, w + nu]
-        return tvm.tirx.Select(p < tiles, value, tvm.tirx.const(0, data.dtype))
-
-    tile = te.compute((channels, alpha, alpha, padded_tiles), input_tile, name="input_tile")
+    rows = te.compute((batch, channels, tiles_h, alpha, row_width), row_combination,
+                      name="input_rows")
 
     def data_pack(eps, nu, ci, p):
-        return _bilinear(b_matrix, eps, nu, lambda a, b: tile[ci, a, b, p], data.dtype, alpha)
+        n, th, tw = p // (tiles_h * row_tiles), p // row_tiles % tiles_h, p % row_tiles
+        return _linear(b_matrix, nu, lambda b: rows[n, ci, th, eps, tw * m + b], data.dtype)
 
-    packed = te.compute((alpha, alpha, channels, padded_tiles), data_pack, name="data_pack")
+    packed = te.compute((alpha, alpha, channels, tiles), data_pack, name="data_pack")
     k = te.reduce_axis((0, channels), name="ci")
     bgemm = te.compute(
-        (alpha, alpha, out_channels, padded_tiles),
+        (alpha, alpha, out_channels, tiles),
         lambda eps, nu, co, p: te.sum(
             packed[eps, nu, k, p].astype(out_dtype)
             * packed_weight[eps, nu, k, co].astype(out_dtype),
@@ -112,13 +114,36 @@ def winograd_compute(data, packed_weight, padding, tile_size: int, out_dtype: st
     def inverse(co, vh, vw, p):
         return _bilinear(a_matrix, vh, vw, lambda a, b: bgemm[a, b, co, p], out_dtype, alpha)
 
-    inverse_tiles = te.compute((out_channels, m, m, padded_tiles), inverse, name="inverse")
+    inverse_tiles = te.compute((out_channels, m, m, tiles), inverse, name="inverse")
 
     def output(n, co, h, w):
-        p = n * tiles_h * tiles_w + (h // m) * tiles_w + w // m
+        p = (n * tiles_h + h // m) * row_tiles + w // m
         return inverse_tiles[co, h % m, w % m, p]
 
     return te.compute((batch, out_channels, out_h, out_w), output, name="conv2d_winograd")
+
+
+def tile_columns(tiles_h: int, tiles_w: int) -> int:
+    """Tiles per row of the tile grid: ``tiles_w``, padded to a multiple of 8 where the
+    grid's tile count would not split into vectors of at least 14 tiles (7x7 tiles as
+    49 = 7 x 7 would run the batched GEMM on 7-lane vectors; 7 x 8 runs it on 14)."""
+    count = tiles_h * tiles_w
+    if count % 16 == 0 or count % 14 == 0 or tiles_w % 8 == 0:
+        return tiles_w
+    return -(-tiles_w // 8) * 8
+
+
+def _linear(matrix: np.ndarray, i, element, dtype: str):
+    """sum_a matrix[a, i] * element(a) for a loop variable i, as a Select over i's values
+    (folded once the i loop is unrolled)."""
+    result = None
+    for out_i in range(matrix.shape[1]):
+        value = tvm.tirx.const(0, dtype)
+        for a in range(matrix.shape[0]):
+            if matrix[a, out_i] != 0:
+                value = value + tvm.tirx.const(float(matrix[a, out_i]), dtype) * element(a)
+        result = value if result is None else tvm.tirx.Select(i == out_i, value, result)
+    return result
 
 
 def _bilinear(matrix: np.ndarray, i, j, element, dtype: str, alpha: int):
