@@ -52,12 +52,15 @@ class WinogradConv(CPUScheduleRule):
             if not tile_accumulation(sch, blocks["bgemm"], [], target):
                 return None
         tail = [blocks["conv2d_winograd"], *epilogue]
+        output_shape = _shape(sch, tail[0])
         for block in tail[:-1]:
             sch.compute_inline(block)
-        if band_loop is not None:
-            # The band's output rows, while its inverse tiles are in cache.
-            sch.reverse_compute_at(tail[-1], band_loop)
-        else:
+        # The band's output rows while its inverse tiles are in cache, where TVM can place
+        # the tail there: not a concatenation (its rows are not the band's), and not where
+        # its region analysis cannot read the tile index back to rows (seen with int64
+        # indices in inception_v1); those run as a loop of their own.
+        if not (band_loop is not None and _shape(sch, tail[-1]) == output_shape
+                and _try_reverse_compute_at(sch, tail[-1], band_loop)):
             schedule_injective(sch, tail[-1], lanes)
         return sch
 
@@ -135,6 +138,18 @@ def _banded(sch: s_tir.Schedule, blocks: dict, band: int, lanes: int, registers:
     sch.vectorize(sch.get_loops(local)[-1])
     sch.decompose_reduction(bgemm, ci)
     return band_loop
+
+
+def _try_reverse_compute_at(sch: s_tir.Schedule, block, loop) -> bool:
+    try:
+        sch.reverse_compute_at(block, loop)
+    except (s_tir.ScheduleError, ValueError):
+        return False
+    return True
+
+
+def _shape(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(d) for d in sch.get(block).writes[0].source.shape]
 
 
 def _vector_width(extent: int, lanes: int) -> int:

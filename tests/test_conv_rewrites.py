@@ -212,7 +212,7 @@ def test_measured_choice_recorded_in_manifest(tmp_path, monkeypatch, tiny_model_
     (record,) = artifact.manifest["conv_algorithms"]
     assert set(record["measured_ms"]) == {"direct", "gemm", "winograd2", "winograd4"}
     assert record["algorithm"] == min(record["measured_ms"], key=record["measured_ms"].get)
-    assert (tmp_path / "conv_algorithms-v2.json").exists()
+    assert (tmp_path / "conv_algorithms-v3.json").exists()
 
 
 def test_fold_and_fuse_conv_bn_bias_relu_into_one_kernel(tiny_model_path):

@@ -2,7 +2,7 @@
 
 Each candidate is built alone (the convolution and nothing else) through the same pipeline
 the model is built with, so it gets the same schedules, and timed with TVM's
-``time_evaluator``. Results are cached per target and shape in ``conv_algorithms-v2.json``
+``time_evaluator``. Results are cached per target and shape in ``conv_algorithms-v3.json``
 under ``$TVMQ_CACHE_DIR`` (default ``~/.cache/tvmq``).
 """
 
@@ -26,8 +26,9 @@ def cache_path() -> str:
     root = os.environ.get("TVMQ_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "tvmq"
     )
-    # v2: "direct" became the blocked-weight kernel; older timings are of another kernel.
-    return os.path.join(root, "conv_algorithms-v2.json")
+    # v2: "direct" became the blocked-weight kernel; v3: Winograd's two-pass input
+    # transform and bands. Older timings are of other kernels.
+    return os.path.join(root, "conv_algorithms-v3.json")
 
 
 def measurer(preset, passes: Callable[[], list], int_dot: IntDot = IntDot.WIDE
