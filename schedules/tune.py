@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import tvm
+from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from tvmq import targets
@@ -142,6 +143,8 @@ def _tune_kernel(kernel: Kernel, remaining: int, target, tools: _Tools, database
         # is only ever applied if it beat the schedule the build would use anyway.
         tracker.add([_measure_default(kernel, target, tools, database)], label="default")
         remaining -= 1
+    if remaining > 0 and not _has_search_space(kernel, target, tracker):
+        return
     # One scheduler call per round, so early stopping and Ctrl-C act between rounds.
     while remaining > 0 and not tracker.stop_requested and not tracker.stopped(tracker.current):
         batch = min(TRIALS_PER_ROUND, remaining)
@@ -161,6 +164,22 @@ def _tune_kernel(kernel: Kernel, remaining: int, target, tools: _Tools, database
         if len(seconds) == before:
             return  # the search space has nothing left to try
         remaining -= len(seconds) - before
+
+
+def _has_search_space(kernel: Kernel, target, tracker) -> bool:
+    """Whether meta_schedule's rules can build a search space for the kernel. They cannot
+    for tvmq's Winograd kernels (their inverse transform reads the GEMM at constant
+    (eps, nu), which ReverseComputeAt's region analysis rejects: "TensorRegion pattern
+    match failed"); such a kernel keeps the default schedule just measured, and the run
+    goes on to the next kernel instead of dying."""
+    try:
+        _context(kernel, target, TRIALS_PER_ROUND).generate_design_space()
+    except (s_tir.ScheduleError, ValueError) as err:
+        reason = str(err).strip().splitlines()[-1][:160]
+        tracker.say(f"{kernel.name}: meta_schedule cannot search this kernel ({reason}); "
+                    "it keeps its default schedule")
+        return False
+    return True
 
 
 def _measure_default(kernel: Kernel, target, tools: _Tools, database) -> float | None:

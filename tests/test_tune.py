@@ -94,6 +94,38 @@ def test_compile_with_records_applies_them_and_matches_onnxruntime(tuned, tiny_m
     assert relative_error(actual, reference(tiny_cnn(), {"x": x})[0]) < 1e-4
 
 
+def _winograd_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(2).normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"])],
+        "winograd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 28, 28])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_kernel_meta_schedule_cannot_search_keeps_its_default(tmp_path, capsys):
+    # The 28x28 3x3 layer is a Winograd kernel by default; meta_schedule's rules fail on
+    # it. The run must record its default, say so, and go on (it used to die).
+    import onnx
+
+    path = str(tmp_path / "winograd.onnx")
+    onnx.save(_winograd_model(), path)
+    result = tune(path, target="x86", records=tmp_path / "r", trials=4)
+    (kernel,) = result.kernels
+    assert "winograd" in kernel.name and kernel.trials == 1 and kernel.best_ms > 0
+    assert "cannot search this kernel" in capsys.readouterr().err
+    artifact = tvmq.compile(path, target="x86", tuning_records=str(tmp_path / "r"))
+    x = np.random.default_rng(3).random((1, 16, 28, 28), dtype=np.float32)
+    (actual,) = _run(artifact, x)
+    assert relative_error(actual, reference(_winograd_model(), {"x": x})[0]) < 1e-4
+
+
 def test_a_wrong_record_is_dropped_and_the_output_stays_right(tuned, tiny_model_path, tmp_path):
     records = _copy(tuned[0], tmp_path)
     with locked(records):
