@@ -8,10 +8,7 @@ from enum import StrEnum
 import numpy as np
 import tvm
 from tvm import relax
-
-# The block attribute naming each kernel tvmq's passes emit (conv2d_blocked,
-# matmul_blocked...), by which the default schedule rules in schedules/ find them.
-KERNEL_ATTR = "tvmq.kernel"
+from tvmq.schedules.kernel_layouts import KERNEL_ATTR  # noqa: F401 (the passes' import)
 
 
 class IntDot(StrEnum):

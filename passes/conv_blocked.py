@@ -16,12 +16,10 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax, te, topi
+from tvmq.schedules.kernel_layouts import CONV_BLOCKED as KERNEL_NAME
+from tvmq.schedules.kernel_layouts import CONV_DEPTHWISE as DEPTHWISE_NAME
 
 from ._conv import KERNEL_ATTR, Conv2D, IntDot
-
-KERNEL_NAME = "conv2d_blocked"
-DEPTHWISE_NAME = "conv2d_depthwise"
-
 
 # (data, output) dtypes the kernel computes: float32, and the int8/uint8 x int8 -> int32
 # convolutions of quantized layers (products and sums in int32, exact).

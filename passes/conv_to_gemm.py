@@ -14,6 +14,14 @@ from collections.abc import Callable
 import numpy as np
 import tvm
 from tvm import relax, te
+from tvmq.schedules.kernel_layouts import CONV_POINTWISE as POINTWISE_NAME
+from tvmq.schedules.kernel_layouts import CONV_POINTWISE_QUADS as POINTWISE_QUADS_NAME
+from tvmq.schedules.kernel_layouts import (
+    pointwise_image_rows,
+    pointwise_vectors,
+    quad_tile_pixels,
+    whole_vectors,
+)
 
 from ._conv import KERNEL_ATTR, Conv2D, IntDot
 from .winograd import rewrite_convolutions
@@ -21,9 +29,6 @@ from .winograd import rewrite_convolutions
 
 def eligible(conv: Conv2D) -> bool:
     return conv.groups == 1
-
-
-POINTWISE_NAME = "conv2d_pointwise"
 
 
 def emit_gemm(
@@ -64,20 +69,6 @@ def emit_gemm(
                            primfunc_name_hint="conv2d_gemm")
 
 
-def pointwise_vectors(pixels: int, lanes: int) -> int:
-    """Vectors of output pixels per register tile: two where the tile's pixels make whole
-    pairs."""
-    return 2 if pixels % (2 * lanes) == 0 else 1
-
-
-def pointwise_image_rows(height: int, width: int, lanes: int) -> int | None:
-    """Image rows per tile of the pointwise kernel: the fewest (dividing ``height``) whose
-    pixels, contiguous in NCHW, are whole vectors; None where no such rows exist (14x14
-    and 7x7 with 16 lanes). 56-wide images take two rows (7 vectors) on AVX-512."""
-    return next((r for r in range(1, height + 1)
-                 if height % r == 0 and r * width % lanes == 0), None)
-
-
 def pointwise_rows(conv: Conv2D, weight_block: int | None) -> int | None:
     """Output channels per register tile of the row-blocked pointwise kernel, or None.
 
@@ -99,18 +90,6 @@ def pointwise_quad_rows(conv: Conv2D, weight_block: int | None, int_dot: IntDot)
             or weight_block != 32):
         return None
     return _tile_rows(conv, weight_block, quad_tile_pixels(*conv.output_hw, weight_block // 2))
-
-
-def quad_tile_pixels(height: int, width: int, lanes: int) -> int:
-    """Pixels per tile of the quad pointwise kernel: whole image rows making whole vectors
-    (``pointwise_image_rows``), else the whole image padded to whole vectors."""
-    rows = pointwise_image_rows(height, width, lanes)
-    return rows * width if rows is not None else whole_vectors(height * width, lanes)
-
-
-def whole_vectors(pixels: int, lanes: int) -> int:
-    """``pixels`` rounded up to whole vectors: the quad kernel's flattened image."""
-    return -(-pixels // lanes) * lanes
 
 
 def _tile_rows(conv: Conv2D, weight_block: int | None, pixels: int | None = None) -> int | None:
@@ -147,7 +126,6 @@ def pointwise_blocked(data, weight):
     )
 
 
-POINTWISE_QUADS_NAME = "conv2d_pointwise_quads"
 
 
 def quad_weight(weight: np.ndarray, rows: int) -> np.ndarray:

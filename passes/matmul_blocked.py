@@ -15,10 +15,9 @@ import numpy as np
 import tvm
 from tvm import relax, te
 from tvm.ir.expr import Constant
+from tvmq.schedules.kernel_layouts import MATMUL_BLOCKED as KERNEL_NAME
 
 from ._conv import KERNEL_ATTR, IntDot
-
-KERNEL_NAME = "matmul_blocked"
 
 # (activation, output) dtypes the kernel computes.
 _DTYPES = {("float32", "float32"), ("int8", "int32"), ("uint8", "int32")}

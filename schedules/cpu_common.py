@@ -6,7 +6,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule.schedule import ScheduleError
 from tvm.target import Target
 from tvm.target.codegen import llvm_cpu_has_features
-from tvmq.passes._conv import KERNEL_ATTR
+
+from .kernel_layouts import KERNEL_ATTR
 
 _DATA_PAR, _COMM_REDUCE = 0, 2
 

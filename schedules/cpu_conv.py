@@ -13,14 +13,6 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvmq.passes.conv_blocked import DEPTHWISE_NAME, KERNEL_NAME
-from tvmq.passes.conv_to_gemm import (
-    POINTWISE_NAME,
-    POINTWISE_QUADS_NAME,
-    pointwise_image_rows,
-    pointwise_vectors,
-    quad_tile_pixels,
-)
 
 from . import int8_dot
 from .cpu_common import (
@@ -32,6 +24,15 @@ from .cpu_common import (
     schedule_injective,
     schedule_tile_epilogue,
 )
+from .kernel_layouts import (
+    CONV_BLOCKED,
+    CONV_DEPTHWISE,
+    CONV_POINTWISE,
+    CONV_POINTWISE_QUADS,
+    pointwise_image_rows,
+    pointwise_vectors,
+    quad_tile_pixels,
+)
 
 # Output vectors per depthwise tile: as many accumulators, each tap's weight broadcast once.
 DEPTHWISE_VECTORS = 8
@@ -41,7 +42,7 @@ class BlockedConv(CPUScheduleRule):
     """Kernels whose main block is ``conv2d_blocked``, with prologue and epilogue blocks."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        found = find_kernel(func, KERNEL_NAME) if self.is_target_available(target) else None
+        found = find_kernel(func, CONV_BLOCKED) if self.is_target_available(target) else None
         if found is None:
             return None
         sch, blocks, index = found
@@ -94,7 +95,7 @@ class PointwiseConv(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        found = find_kernel(func, POINTWISE_NAME) if self.is_target_available(target) else None
+        found = find_kernel(func, CONV_POINTWISE) if self.is_target_available(target) else None
         if found is None:
             return None
         sch, blocks, index = found
@@ -143,7 +144,7 @@ class PointwiseQuadConv(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        found = (find_kernel(func, POINTWISE_QUADS_NAME)
+        found = (find_kernel(func, CONV_POINTWISE_QUADS)
                  if self.is_target_available(target) else None)
         if found is None:
             return None
@@ -207,7 +208,7 @@ class DepthwiseConv(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        found = find_kernel(func, DEPTHWISE_NAME) if self.is_target_available(target) else None
+        found = find_kernel(func, CONV_DEPTHWISE) if self.is_target_available(target) else None
         if found is None:
             return None
         sch, blocks, index = found

@@ -11,7 +11,6 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvmq.passes.matmul_blocked import KERNEL_NAME
 
 from . import int8_dot
 from .cpu_common import (
@@ -24,13 +23,14 @@ from .cpu_common import (
     schedule_tile_epilogue,
 )
 from .cpu_conv import choose_tile
+from .kernel_layouts import MATMUL_BLOCKED
 
 
 class BlockedMatmul(CPUScheduleRule):
     """Kernels whose main block is ``matmul_blocked``, with prologue and epilogue blocks."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        found = find_kernel(func, KERNEL_NAME) if self.is_target_available(target) else None
+        found = find_kernel(func, MATMUL_BLOCKED) if self.is_target_available(target) else None
         if found is None:
             return None
         sch, blocks, index = found

@@ -12,8 +12,8 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from .passes.conv_to_gemm import POINTWISE_NAME
 from .schedules.apply_records import SCHEDULE_ATTR
+from .schedules.kernel_layouts import CONV_POINTWISE as POINTWISE_NAME
 
 KERNEL_ORIGINS_ATTR = "tvmq.kernel_origins"
 ALGORITHM_ATTR = "tvmq.algorithm"
