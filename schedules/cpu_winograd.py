@@ -7,6 +7,11 @@ still in cache), a batched matrix multiply with the pre-transformed weight (bgem
 all the arithmetic), the inverse transform, and the gather into NCHW with the fused
 epilogue. The transforms unroll their small (eps, nu) loops so their constant
 coefficients fold; bgemm gets the register tiling of every multiply-accumulate kernel.
+Big images run band by band: one parallel loop over tile rows, each computing its input
+transform, its GEMM and its inverse (and its output rows, where TVM can place them) while
+the band's intermediates are in cache (``_band_tiles`` says when).
+
+meta_schedule cannot search this kernel (schedules/tune.py keeps it on this schedule).
 """
 
 from __future__ import annotations
@@ -68,9 +73,11 @@ class WinogradConv(CPUScheduleRule):
 # Band by band (a tile row at a time) where the transformed input is over BAND_BYTES, a
 # tile row's share of it at most BAND_ROW_BYTES (it and its GEMM output stay in cache), and
 # the transformed weight, which each band streams whole, adds up to at most
-# BAND_WEIGHT_BYTES over the bands. Measured here (AVX-512, 2 threads, ms; banded /
-# not): 64->64 at 224x224 F(4x4) 15.9 / 20.6, 128->128 at 112x112 12.3 / 17.5, 64->64 at
-# 56x56 0.80 / 0.91; but 256->256 at 56x56 F(4x4) (a 9.4 MB weight, 14 rows) 19.9 / 12.1.
+# BAND_WEIGHT_BYTES over the bands. Measured here (AVX-512, 2 threads, lone F(4x4)
+# kernels, ms): 64->64 at 56x56 0.83 banded against 0.91 whole-image; 128->128 at 112x112
+# 12.3 with a tile row a band against 17.5 with two (the band's share past the L2);
+# 256->256 at 56x56 19.9 banded against 12.1 whole (its 9.4 MB weight streamed by each of
+# 14 bands). 64->64 at 224x224 ran 22 ms whole-image (stages timed apart), 15-16 banded.
 BAND_BYTES = 1 << 20
 BAND_ROW_BYTES = 512 << 10
 BAND_WEIGHT_BYTES = 96 << 20
