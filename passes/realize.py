@@ -41,7 +41,7 @@ from tvm import relax, te, topi
 from tvm.ir.expr import Constant
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from . import conv_blocked, matmul_blocked
+from . import conv_blocked, conv_to_gemm, matmul_blocked
 from ._conv import Conv2D, IntDot
 from ._int4 import (
     INT4_MAX,
@@ -402,8 +402,12 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
     m_te = te.placeholder(list(mult.shape), "uint8", name="w_mult") if mult is not None else None
     extra = {"mult": m_te, "group_size": kernels.group_size} if mult is not None else {}
     is_conv = anchor.op.name == "relax.nn.conv2d"
-    layout = (_blocked_conv_int4(anchor, x, q, kernels) if is_conv
-              else _blocked_matmul_int4(x_dtype, q, kernels))
+    quads = _quad_pointwise_int4(anchor, x, q, kernels) if is_conv else None
+    if quads is not None:
+        layout = quads[:2]
+    else:
+        layout = (_blocked_conv_int4(anchor, x, q, kernels) if is_conv
+                  else _blocked_matmul_int4(x_dtype, q, kernels))
     packed = pack_int4(q if layout is None else layout[0])
     w_te = te.placeholder([packed.size], "uint8", name="w_packed")
     if is_conv:
@@ -414,7 +418,10 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
             if any((top, left, bottom, right)) else x_te
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
-        if layout is None:
+        if quads is not None:
+            weight = unpacked(w_te, layout[0].shape, m_te, layout[1], kernels.group_size)
+            out = conv_to_gemm.pointwise_quads(x_te, weight, quads[2])
+        elif layout is None:
             out = conv2d_int4(padded, w_te, weight_shape=w_int.shape, strides=strides,
                               padding=[0, 0, 0, 0], dilation=dilation,
                               groups=int(attrs.groups), **extra)
@@ -471,16 +478,39 @@ def _int4_mma_matmul(x: relax.Expr, w_int: np.ndarray, kernels: _Kernels) -> rel
     return relax.op.reshape(acc, [*lead, cols]) if len(shape) != 2 else acc
 
 
-def _blocked_conv_int4(anchor: relax.Call, x: relax.Expr, q: np.ndarray, kernels: _Kernels):
-    """(int4 weight in the blocked conv's layout, its origin map), or None where the
-    blocked kernel does not apply (no CPU block, grouped or depthwise layers)."""
+def _quad_pointwise_int4(anchor: relax.Call, x: relax.Expr, q: np.ndarray, kernels: _Kernels):
+    """(int4 weight in the quad pointwise kernel's layout, its origin map, the kernel's
+    pixels), or None: the INT8 rule's layers (1x1 uint8 on VNNI, image rows in whole
+    vectors: ``conv_algorithm.predict``), whose INT8 form is that kernel."""
+    conv = _conv2d(anchor, x, q)
+    rows = conv_to_gemm.pointwise_quad_rows(conv, kernels.weight_block, kernels.int_dot)
+    lanes = (kernels.weight_block or 0) // 2
+    if rows is None or conv_to_gemm.pointwise_image_rows(*conv.output_hw, lanes) is None:
+        return None
+    weight = conv_to_gemm.quad_weight(q, rows)
+
+    def origin(index):
+        block, quad, row, lane = index
+        return block * rows + row, quad * 4 + lane
+
+    oh, ow = conv.output_hw
+    return weight, origin, conv_to_gemm.whole_vectors(oh * ow, lanes)
+
+
+def _conv2d(anchor: relax.Call, x: relax.Expr, q: np.ndarray) -> Conv2D:
     attrs = anchor.attrs
-    conv = Conv2D(
+    return Conv2D(
         data=x, weight=q, strides=tuple(int(s) for s in attrs.strides),
         padding=tuple(int(p) for p in attrs.padding),
         dilation=tuple(int(d) for d in attrs.dilation), groups=int(attrs.groups),
         out_dtype="int32", data_shape=tuple(int(d) for d in x.ty.shape),
     )
+
+
+def _blocked_conv_int4(anchor: relax.Call, x: relax.Expr, q: np.ndarray, kernels: _Kernels):
+    """(int4 weight in the blocked conv's layout, its origin map), or None where the
+    blocked kernel does not apply (no CPU block, grouped or depthwise layers)."""
+    conv = _conv2d(anchor, x, q)
     if not conv_blocked.eligible(conv, kernels.weight_block):
         return None
     weight = conv_blocked.kernel_weight(conv, kernels.weight_block, kernels.int_dot)
