@@ -219,15 +219,19 @@ def _int4_kernels(lowered) -> list[str]:
             if isinstance(f, tvm.tirx.PrimFunc) and "int4" in gv.name_hint]
 
 
+def _int4_conv_weight(w, group):
+    """(int4 values, scales) per output channel, or group-wise with ``group`` channels."""
+    if group:
+        return quantize_weight_grouped(w, axis=0, bits=4, group_size=group)
+    return quantize_weight(w, axis=0, bits=4)
+
+
 @pytest.mark.parametrize("target", BLOCKED_TARGETS)
 @pytest.mark.parametrize("group", [0, 4])
 def test_int4_conv_as_blocked_kernel_bit_exact(target, group):
     # 5 input channels: the pair and quad forms pad them to whole groups.
     w = RNG.normal(0, 0.3, (16, 5, 3, 3)).astype(np.float32)
-    if group:
-        w_int, ws = quantize_weight_grouped(w, axis=0, bits=4, group_size=group)
-    else:
-        w_int, ws = quantize_weight(w, axis=0, bits=4)
+    w_int, ws = _int4_conv_weight(w, group)
     mod = _grouped_module(
         lambda x: relax.op.nn.relu(relax.op.nn.conv2d(x, _dq(w_int, ws, 0),
                                                       padding=[1, 1, 1, 1])),
@@ -253,10 +257,7 @@ def test_int4_pointwise_as_quad_kernel_bit_exact(group):
     # (it ran the blocked direct kernel: MobileNetV2 INT4 5.69 -> 4.15 ms, INT8 3.91).
     # 6 input channels: the quads pad them to 8.
     w = RNG.normal(0, 0.3, (32, 6, 1, 1)).astype(np.float32)
-    if group:
-        w_int, ws = quantize_weight_grouped(w, axis=0, bits=4, group_size=group)
-    else:
-        w_int, ws = quantize_weight(w, axis=0, bits=4)
+    w_int, ws = _int4_conv_weight(w, group)
     mod = _grouped_module(
         lambda x: relax.op.nn.relu(relax.op.nn.conv2d(x, _dq(w_int, ws, 0))), (1, 6, 16, 16),
         group)
