@@ -51,6 +51,22 @@ def reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.
     return session.run(None, inputs)
 
 
+def conv_relu_model(channels: int, size: int, seed: int = 0) -> onnx.ModelProto:
+    """A 3x3 padded conv (channels -> channels) and a ReLU on a size x size image, input
+    "x", output "y": one Winograd kernel in a default CPU build when >= 28 wide."""
+    weight = np.random.default_rng(seed).normal(0, 0.2, (channels, channels, 3, 3))
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"])],
+        "conv_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
 

@@ -10,8 +10,9 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
-from conftest import relative_error
+from conftest import conv_relu_model, relative_error
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
@@ -80,6 +81,21 @@ def test_float_aarch64_matches_x86(build, images, target):
                     reason="--quantize int8 is not built in this version of tvmq")
 def test_int8_aarch64_dotprod_matches_int8_x86(build, images):
     _assert_matches_x86(build, images, "aarch64-dotprod", "int8")
+
+
+def test_winograd_aarch64_matches_x86(tmp_path):
+    # 32 channels at 96x96: a Winograd F(4x4) kernel that runs band by band, on NEON lanes.
+    path = str(tmp_path / "winograd.onnx")
+    onnx.save(conv_relu_model(32, 96), path)
+    outputs = {}
+    for target in ("x86", "aarch64"):
+        artifact = tvmq.compile(path, target=target)
+        assert [k["algorithm"] for k in artifact.manifest["kernels"].values()] == ["winograd"]
+        outputs[target] = artifact.export(tmp_path / f"{target}.tar")
+    x = np.random.default_rng(3).random((1, 32, 96, 96), dtype=np.float32)
+    expected = tvmq.runtime.load(outputs["x86"]).run(x=x)["y"]
+    actual = emulate.run_emulated(outputs["aarch64"], {"x": x})["y"]
+    assert relative_error(actual, expected) <= 1e-5
 
 
 def test_run_emulated_takes_a_dict(build, images):

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import tvm
-from conftest import reference, relative_error, tiny_cnn
+from conftest import conv_relu_model, reference, relative_error, tiny_cnn
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 from tvmq.schedules.progress import Progress
@@ -95,18 +95,7 @@ def test_compile_with_records_applies_them_and_matches_onnxruntime(tuned, tiny_m
 
 
 def _winograd_model():
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = np.random.default_rng(2).normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["y"])],
-        "winograd",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 28, 28])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 28, 28])],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return conv_relu_model(16, 28, seed=2)
 
 
 def test_a_kernel_meta_schedule_cannot_search_keeps_its_default(tmp_path, capsys):
