@@ -23,10 +23,9 @@ from tvmq.frontend import random_inputs
 from tvmq.models import light_zoo_models
 
 
-def _latencies(paths: dict[str, str], rounds: int = 3) -> dict[str, float]:
-    """Median latency of each artifact, the builds timed in turn ``rounds`` times (on a
-    shared machine a drift then hits every build alike); the median of the rounds."""
-    models = {label: tvmq.runtime.load(path) for label, path in paths.items()}
+def _latencies(models: dict, rounds: int = 3) -> dict[str, float]:
+    """Median latency of each model, the builds timed in turn ``rounds`` times (on a shared
+    machine a drift then hits every build alike); the median of the rounds."""
     times: dict[str, list[float]] = {label: [] for label in models}
     for _ in range(rounds):
         for label, model in models.items():
@@ -36,14 +35,12 @@ def _latencies(paths: dict[str, str], rounds: int = 3) -> dict[str, float]:
 
 def bench(name: str, path: str, work: str) -> str:
     lines = [f"## {name}"]
-    paths = {policy: os.path.join(work, f"{name}-{policy}.tar")
-             for policy in ("direct", "measure", "predict")}
     start = time.perf_counter()
-    for policy, artifact_path in paths.items():
-        built = tvmq.compile(path, conv_algorithm=policy)
-        built.export(artifact_path)
-        if policy == "measure":
-            artifact = built
+    built = {policy: tvmq.compile(path, conv_algorithm=policy)
+             for policy in ("direct", "measure", "predict")}
+    models = {policy: tvmq.runtime.load(artifact.export(os.path.join(work, f"{name}-{policy}.tar")))
+              for policy, artifact in built.items()}
+    artifact = built["measure"]
     print(f"[{name}] compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     lines.append("| layer | input | weight | stride | direct | gemm | winograd2 | winograd4 "
                  "| chosen | predicted |")
@@ -61,9 +58,8 @@ def bench(name: str, path: str, work: str) -> str:
             f"{'x'.join(map(str, record['weight_shape']))} | {record['strides'][0]} | "
             + " | ".join(cells) + f" | {record['algorithm']} | {predicted} |"
         )
-    ms = _latencies(paths)
-    model = tvmq.runtime.load(paths["direct"])
-    feed = random_inputs(model.inputs)
+    ms = _latencies(models)
+    feed = random_inputs(models["direct"].inputs)
     ort_ms = onnxruntime_latency_ms(path, feed, repeat=30)
     lines.append("")
     lines.append(

@@ -79,6 +79,7 @@ from ._qdq import (
     scalar,
     with_json_attr,
 )
+from .conv_algorithm import ConvAlgorithm, predict
 
 _POOL_OPS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d",
              "relax.mean")
@@ -480,13 +481,13 @@ def _int4_mma_matmul(x: relax.Expr, w_int: np.ndarray, kernels: _Kernels) -> rel
 
 def _quad_pointwise_int4(anchor: relax.Call, x: relax.Expr, q: np.ndarray, kernels: _Kernels):
     """(int4 weight in the quad pointwise kernel's layout, its origin map, the kernel's
-    pixels), or None: the INT8 rule's layers (1x1 uint8 on VNNI, image rows in whole
-    vectors: ``conv_algorithm.predict``), whose INT8 form is that kernel."""
+    pixels), or None: the layers ``conv_algorithm.predict`` gives that kernel as INT8 (1x1
+    uint8 on VNNI, image rows in whole vectors)."""
     conv = _conv2d(anchor, x, q)
-    rows = conv_to_gemm.pointwise_quad_rows(conv, kernels.weight_block, kernels.int_dot)
-    lanes = (kernels.weight_block or 0) // 2
-    if rows is None or conv_to_gemm.pointwise_image_rows(*conv.output_hw, lanes) is None:
+    if predict(conv, kernels.weight_block, kernels.int_dot) is not ConvAlgorithm.GEMM:
         return None
+    rows = conv_to_gemm.pointwise_quad_rows(conv, kernels.weight_block, kernels.int_dot)
+    lanes = kernels.weight_block // 2
     weight = conv_to_gemm.quad_weight(q, rows)
 
     def origin(index):

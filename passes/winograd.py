@@ -112,7 +112,7 @@ def winograd_compute(data, packed_weight, padding, tile_size: int, out_dtype: st
     )
 
     def inverse(co, vh, vw, p):
-        return _bilinear(a_matrix, vh, vw, lambda a, b: bgemm[a, b, co, p], out_dtype, alpha)
+        return _bilinear(a_matrix, vh, vw, lambda a, b: bgemm[a, b, co, p], out_dtype)
 
     inverse_tiles = te.compute((out_channels, m, m, tiles), inverse, name="inverse")
 
@@ -146,28 +146,11 @@ def _linear(matrix: np.ndarray, i, element, dtype: str):
     return result
 
 
-def _bilinear(matrix: np.ndarray, i, j, element, dtype: str, alpha: int):
-    """sum_{a, b} matrix[a, i] * matrix[b, j] * element(a, b) for loop variables i, j.
-
-    The coefficient of each (a, b) depends on (i, j); a Select over the few values of
-    (i, j) picks it, and LLVM folds it away once the (i, j) loops are unrolled.
-    """
-    rows, cols = matrix.shape
-    result = None
-    for out_i in range(cols):
-        for out_j in range(cols):
-            terms = [
-                (float(matrix[a, out_i] * matrix[b, out_j]), a, b)
-                for a in range(rows)
-                for b in range(rows)
-                if matrix[a, out_i] * matrix[b, out_j] != 0
-            ]
-            value = tvm.tirx.const(0, dtype)
-            for coefficient, a, b in terms:
-                value = value + tvm.tirx.const(coefficient, dtype) * element(a, b)
-            condition = tvm.tirx.all(i == out_i, j == out_j)
-            result = value if result is None else tvm.tirx.Select(condition, value, result)
-    return result
+def _bilinear(matrix: np.ndarray, i, j, element, dtype: str):
+    """sum_{a, b} matrix[a, i] * matrix[b, j] * element(a, b) for loop variables i, j:
+    ``_linear`` over a of ``_linear`` over b (every Select folds once i, j are unrolled)."""
+    return _linear(matrix, i, lambda a: _linear(matrix, j, lambda b: element(a, b), dtype),
+                   dtype)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ConvToWinograd")

@@ -91,8 +91,16 @@ def _spatial_then_reduce(kinds: str) -> bool:
     return bool(spatial) and "R" not in spatial and len(spatial) < len(kinds)
 
 
-def _divisor_at_most(extent: int, limit: int) -> int:
+def divisor_at_most(extent: int, limit: int) -> int:
+    """The largest divisor of ``extent`` up to ``limit``."""
     return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
+def accumulator_rows(extent: int, vectors_per_row: int, registers: int) -> int:
+    """Rows of the accumulator tile along an output axis of ``extent``: the most that
+    divide it and fit the vector registers with ``vectors_per_row`` vectors a row (four
+    registers left for the operands)."""
+    return divisor_at_most(extent, max(1, (registers - 4) // vectors_per_row))
 
 
 def _tile(sch: s_tir.Schedule, block, lanes: int, registers: int):
@@ -111,14 +119,14 @@ def _tile(sch: s_tir.Schedule, block, lanes: int, registers: int):
     elif vec_extent <= 2 * lanes:
         vec_factor = vec_extent
     else:
-        vec_factor = _divisor_at_most(vec_extent, lanes)
+        vec_factor = divisor_at_most(vec_extent, lanes)
     vectors_per_row = -(-vec_factor // lanes)
 
     # Block axis: the largest other output axis; its tile rows are the accumulators.
     others = list(range(len(spatial) - 1))
     block_axis = max(others, key=lambda i: extents[i], default=None)
-    budget = max(1, (registers - 4) // vectors_per_row)
-    block_factor = _divisor_at_most(extents[block_axis], budget) if block_axis is not None else 1
+    block_factor = (accumulator_rows(extents[block_axis], vectors_per_row, registers)
+                    if block_axis is not None else 1)
 
     outer, inner = [], []
     for i, loop in enumerate(spatial):

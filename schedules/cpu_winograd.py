@@ -28,7 +28,7 @@ from .cpu_common import (
     top_level_blocks,
     vector_bits,
 )
-from .cpu_tiling import tile_accumulation
+from .cpu_tiling import accumulator_rows, divisor_at_most, tile_accumulation
 
 _STAGES = ("input_rows", "data_pack", "bgemm", "inverse", "conv2d_winograd")
 
@@ -132,10 +132,10 @@ def _banded(sch: s_tir.Schedule, blocks: dict, band: int, lanes: int, registers:
 
     local = sch.cache_write(bgemm, 0, "local")
     _, _, co, tile, ci = sch.get_loops(bgemm)[1:]
-    vector = _vector_width(band, lanes)
-    channels_out = loop_extent(sch, co)
-    budget = max(1, (registers - 4) // -(-vector // lanes))
-    block = max(d for d in range(1, budget + 1) if channels_out % d == 0)
+    # Vectors of at most ``lanes``: 28 tiles as two vectors of 14 (a 28-lane vector made
+    # LLVM spill the accumulator tile, 4-5x slower).
+    vector = divisor_at_most(band, lanes)
+    block = accumulator_rows(loop_extent(sch, co), -(-vector // lanes), registers)
     co_outer, co_inner = sch.split(co, factors=[None, block])
     tile_outer, tile_inner = sch.split(tile, factors=[None, vector])
     sch.reorder(co_outer, tile_outer, ci, co_inner, tile_inner)
@@ -159,20 +159,11 @@ def _shape(sch: s_tir.Schedule, block) -> list[int]:
     return [int(d) for d in sch.get(block).writes[0].source.shape]
 
 
-def _vector_width(extent: int, lanes: int) -> int:
-    """The vector length for a loop of ``extent``: ``lanes`` where it divides, else the
-    largest divisor up to ``lanes`` (28 tiles as two vectors of 14: a 28-lane vector made
-    LLVM spill the accumulator tile, 4-5x slower)."""
-    if extent % lanes == 0:
-        return lanes
-    return max(d for d in range(1, min(extent, lanes) + 1) if extent % d == 0)
-
-
 def _vectorize_split(sch: s_tir.Schedule, loop, lanes: int) -> None:
     width = loop_extent(sch, loop)
     if width is None:
         return
-    vector = _vector_width(width, lanes)
+    vector = divisor_at_most(width, lanes)
     if vector < width:
         _, loop = sch.split(loop, factors=[None, vector])
     sch.vectorize(loop)
@@ -209,7 +200,7 @@ def _inverse_transform(sch: s_tir.Schedule, block, lanes: int) -> None:
     tiles in parallel outside, a vector of tiles innermost."""
     channel, i, j, tile = sch.get_loops(block)
     tile_outer, tile_inner = sch.split(
-        tile, factors=[None, _vector_width(loop_extent(sch, tile), lanes)])
+        tile, factors=[None, divisor_at_most(loop_extent(sch, tile), lanes)])
     sch.reorder(channel, tile_outer, i, j, tile_inner)
     sch.parallel(sch.fuse(channel, tile_outer))
     sch.unroll(i)
