@@ -2,9 +2,9 @@
 
 Runs on the graph before LegalizeOps, after batch-norm folding. A 1x1 stride-1 unpadded
 convolution is a matmul of the weight [OC, IC] with the input viewed as [N, IC, H*W]; any
-other convolution first gathers its patches into columns [N, IC*KH*KW, OH*OW] (im2col), so
-the multiply reads both operands contiguously whatever the stride. The reshaped weight is
-a constant computed here.
+other convolution first gathers its patches into columns [N, IC*KH*KW, OH, OW] (im2col),
+the input of a 1x1 convolution, so the multiply reads both operands contiguously whatever
+the stride. The reshaped weight is a constant computed here.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ def emit_gemm(
 ) -> relax.Expr:
     """The matmul form of ``conv`` (im2col kernel, if needed, added to ``builder``).
 
-    On CPUs (``weight_block`` given), a pointwise float32 layer whose rows fill vectors
-    takes the row-blocked kernel (``pointwise_blocked``) instead of the generic one, and a
-    pointwise uint8 layer on a VNNI target its quad form (``pointwise_quads``).
+    On CPUs (``weight_block`` given), a float32 layer whose output rows fill vectors takes
+    the row-blocked kernel (``pointwise_blocked``; k x k layers over their patches, gathered
+    in the kernel's prologue) instead of the generic one, and a pointwise uint8 layer on a
+    VNNI target its quad form (``pointwise_quads``).
     """
     out_channels, in_channels, kh, kw = conv.weight.shape
-    batch = conv.data_shape[0]
     oh, ow = conv.output_hw
     pointwise = (kh, kw) == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
     quad_rows = pointwise_quad_rows(conv, weight_block, int_dot)
@@ -51,21 +51,27 @@ def emit_gemm(
                                relax.const(quad_weight(conv.weight, quad_rows)),
                                whole_vectors(oh * ow, weight_block // 2),
                                primfunc_name_hint=POINTWISE_QUADS_NAME)
-    rows = pointwise_rows(conv, weight_block) if pointwise else None
+    depth = in_channels * kh * kw
+    window = conv.kernel, conv.strides, conv.padding, conv.dilation
+    rows = pointwise_rows(conv, weight_block)
     if rows is not None:
-        blocked = conv.weight.reshape(out_channels // rows, rows, in_channels)
+        # The pointwise kernel over the image's patches: im2col runs inside the kernel as
+        # its prologue (a copy of the input per tap), then the same row-blocked GEMM.
+        blocked = conv.weight.reshape(out_channels // rows, rows, depth)
         weight = relax.const(np.ascontiguousarray(blocked.transpose(0, 2, 1)))
-        return builder.call_te(pointwise_blocked, conv.data, weight,
-                               primfunc_name_hint=POINTWISE_NAME)
-    weight = relax.const(conv.weight.reshape(out_channels, in_channels * kh * kw))
+        if pointwise:
+            return builder.call_te(pointwise_blocked, conv.data, weight,
+                                   primfunc_name_hint=POINTWISE_NAME)
+        return builder.call_te(
+            lambda data, w: pointwise_blocked(im2col(data, *window), w), conv.data, weight,
+            primfunc_name_hint=POINTWISE_NAME)
+    weight = relax.const(conv.weight.reshape(out_channels, depth))
     if pointwise:
-        columns = builder.emit(relax.op.reshape(conv.data, (batch, in_channels, oh * ow)))
+        columns = conv.data
     else:
         columns = builder.emit(
-            builder.call_te(im2col, conv.data, conv.kernel, conv.strides, conv.padding,
-                            conv.dilation, primfunc_name_hint="im2col")
-        )
-    return builder.call_te(gemm, weight, columns, (oh, ow), conv.out_dtype,
+            builder.call_te(im2col, conv.data, *window, primfunc_name_hint="im2col"))
+    return builder.call_te(gemm, weight, columns, conv.out_dtype,
                            primfunc_name_hint="conv2d_gemm")
 
 
@@ -180,25 +186,25 @@ def pointwise_quads(data, weight, pixels: int):
                       lambda n, oc, y, x: flat[n, oc, y * width + x], name="unflatten")
 
 
-def gemm(weight, columns, output_hw, out_dtype: str):
-    """out[n, oc, y, x] = sum_k weight[oc, k] * columns[n, k, y * OW + x].
+def gemm(weight, columns, out_dtype: str):
+    """out[n, oc, y, x] = sum_k weight[oc, k] * columns[n, k, y, x].
 
     Written straight into NCHW so the bias and activation after it fuse into the kernel.
     """
-    batch, depth = int(columns.shape[0]), int(columns.shape[1])
-    oh, ow = output_hw
+    batch, depth, oh, ow = (int(d) for d in columns.shape)
     k = te.reduce_axis((0, depth), name="k")
     return te.compute(
         (batch, int(weight.shape[0]), oh, ow),
         lambda n, oc, y, x: te.sum(
-            weight[oc, k].astype(out_dtype) * columns[n, k, y * ow + x].astype(out_dtype), axis=k
+            weight[oc, k].astype(out_dtype) * columns[n, k, y, x].astype(out_dtype), axis=k
         ),
         name="conv2d_gemm",
     )
 
 
 def im2col(data, kernel, strides, padding, dilation):
-    """columns[n, (ci, kh, kw), (oh, ow)] = padded data under each output's window."""
+    """columns[n, (ci, kh, kw), y, x] = the padded input under output (y, x)'s window: the
+    input of a 1x1 convolution with IC * KH * KW channels."""
     from tvm import topi
 
     batch, channels, height, width = (int(d) for d in data.shape)
@@ -208,12 +214,11 @@ def im2col(data, kernel, strides, padding, dilation):
     ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
     padded = topi.nn.pad(data, (0, 0, top, left), (0, 0, bottom, right), name="data_pad")
 
-    def column(n, k, p):
+    def column(n, k, y, x):
         ci, r = k // (kh * kw), k % (kh * kw)
-        y, x = p // ow, p % ow
         return padded[n, ci, y * sh + (r // kw) * dh, x * sw + (r % kw) * dw]
 
-    return te.compute((batch, channels * kh * kw, oh * ow), column, name="im2col")
+    return te.compute((batch, channels * kh * kw, oh, ow), column, name="im2col")
 
 
 @tvm.transform.module_pass(opt_level=0, name="ConvToGemm")

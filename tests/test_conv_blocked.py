@@ -290,6 +290,27 @@ def test_pointwise_gemm_matches_numpy(shape, out_channels, target):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, out_channels, k, strides, padding", [
+    ((1, 3, 64, 64), 16, 7, (2, 2), (3, 3, 3, 3)),   # a stem: 147 patch rows
+    ((1, 8, 32, 32), 12, 3, (2, 2), (1, 1, 1, 1)),   # strided 3x3
+    ((1, 4, 34, 34), 6, 3, (1, 1), (0, 0, 0, 0)),    # unpadded: 32 wide
+])
+def test_im2col_gemm_runs_the_pointwise_kernel(shape, out_channels, k, strides, padding):
+    # k x k layers through GEMM gather their patches in the pointwise kernel's prologue and
+    # take its tile (not a generic matmul schedule).
+    from tvmq.passes.conv_to_gemm import POINTWISE_NAME
+
+    w = RNG.normal(0, 0.3, (out_channels, shape[1], k, k)).astype(np.float32)
+    x = RNG.normal(size=shape).astype(np.float32)
+    vm, kernels = _compiled_conv(shape, w, strides, padding, (1, 1), "float32",
+                                 policy=ConvPolicy.GEMM)
+    assert any(POINTWISE_NAME in name for name in kernels)
+    assert not any("im2col" in name for name in kernels)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = 2 * reference_conv(x, w, strides, padding, (1, 1), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_pointwise_image_rows():
     from tvmq.passes.conv_to_gemm import pointwise_image_rows
 

@@ -2,7 +2,7 @@
 
 Each candidate is built alone (the convolution and nothing else) through the same pipeline
 the model is built with, so it gets the same schedules, and timed with TVM's
-``time_evaluator``. Results are cached per target and shape in ``conv_algorithms-v3.json``
+``time_evaluator``. Results are cached per target and shape in ``conv_algorithms-v4.json``
 under ``$TVMQ_CACHE_DIR`` (default ``~/.cache/tvmq``).
 """
 
@@ -27,8 +27,9 @@ def cache_path() -> str:
         os.path.expanduser("~"), ".cache", "tvmq"
     )
     # v2: "direct" became the blocked-weight kernel; v3: Winograd's two-pass input
-    # transform and bands. Older timings are of other kernels.
-    return os.path.join(root, "conv_algorithms-v3.json")
+    # transform and bands; v4: k x k GEMM on the pointwise kernel. Older timings are of
+    # other kernels.
+    return os.path.join(root, "conv_algorithms-v4.json")
 
 
 def measurer(preset, passes: Callable[[], list], int_dot: IntDot = IntDot.WIDE
