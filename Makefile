@@ -31,7 +31,7 @@ test: setup setup-system
 
 bench: setup
 	$(PY) -m bench.run
-	$(PY) -m bench.run --models digits --budgets 0.55,0.6,0.7,0.8,0.9 --name bits
+	$(PY) -m bench.run --models digits --budgets 0.55,0.6,0.7,0.8,0.9,bops:0.6,bops:0.5,bops:0.4 --name bits
 	$(PY) -m bench.conv_algorithms | tee bench/conv_algorithms.md
 	$(PY) -m bench.run --models mobilenet_v2,resnet50 --name tuned --tune-trials 200,800 \
 		--builds tvmq-fp32,tvmq-fp32-shipped,tvmq-int8,tvmq-int8-shipped,tvmq-fp32-tuned,tvmq-int8-tuned

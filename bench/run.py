@@ -3,7 +3,8 @@
 Every latency is a median measured in this run on this machine, batch 1, with ONNX Runtime
 measured beside tvmq; ratios are against ONNX Runtime FP32 (> 1 means faster than it).
 Accuracy is reported where the model has real data (the bundled digits). Mixed INT4/INT8
-builds run at each ``--budgets`` size budget. ``tvmq-fp32`` and ``tvmq-int8`` are untuned
+builds run at each ``--budgets`` budget (size fractions, or ``bops:0.4``: bit-operations,
+with activation widths chosen too). ``tvmq-fp32`` and ``tvmq-int8`` are untuned
 (default schedules only); the ``-shipped`` builds are what ``tvmq compile`` gives by default
 (with the tuning records shipped for this CPU, ``schedules/shipped.py``). ``--tune-trials
 100,400`` also tunes FP32 and INT8 in this run (``tvmq tune``, continuing the same records
@@ -121,7 +122,8 @@ def _accuracy(predict: Callable[[np.ndarray], np.ndarray]) -> float:
 def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, dict]]:
     """(label, mode, compile options) of each tvmq build: FP32 and INT8 without and with the
     shipped tuning records, INT4 (W4A8), W4A4 (4-bit activations, MSE calibration), and mixed
-    INT4/INT8 at each size budget (a fraction of the INT8 weight bytes)."""
+    INT4/INT8 at each budget: a size budget (a fraction of the INT8 weight bytes), or
+    ``bops:0.4`` / ``latency:0.8`` for the other kinds."""
     shipped = {"shipped_records": True}
     return [
         ("tvmq-fp32", QuantizeMode.NONE, {"shipped_records": False}),
@@ -131,9 +133,14 @@ def tvmq_builds(budgets: list[str]) -> list[tuple[str, QuantizeMode, dict]]:
         ("tvmq-int4", QuantizeMode.INT4, shipped),
         ("tvmq-w4a4", QuantizeMode.INT4,
          {**shipped, "qconfig": tvmq.QConfig(activation_bits=4, calibration="mse")}),
-        *((f"tvmq-mixed-{b}", QuantizeMode.MIXED, {**shipped, "size_budget": b})
-          for b in budgets),
+        *(_mixed_build(b, shipped) for b in budgets),
     ]
+
+
+def _mixed_build(budget: str, options: dict) -> tuple[str, QuantizeMode, dict]:
+    kind, _, value = budget.rpartition(":")
+    label = f"tvmq-mixed-{kind}-{value}" if kind else f"tvmq-mixed-{value}"
+    return label, QuantizeMode.MIXED, {**options, f"{kind or 'size'}_budget": value}
 
 
 # The builds --tune-trials tunes: label prefix and mode.
@@ -264,7 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--budgets", default="0.6",
-                        help="size budgets of the mixed builds, comma-separated (e.g. 0.6,0.8)")
+                        help="budgets of the mixed builds, comma-separated: size fractions, "
+                        "or kind:value (e.g. 0.6,0.8,bops:0.4)")
     parser.add_argument("--name", default="results",
                         help="file name (without extension) of the tables written to --out")
     parser.add_argument("--tune-trials", default="",

@@ -56,6 +56,25 @@ def placeholder_index(call: relax.Call) -> int | None:
     return round(-value) - 1 if value < 0 else None
 
 
+def tied_point_groups(points: list[dict]) -> list[list[int]]:
+    """Indices of the quantization points (``tvmq.qpoints`` records) that share one scale:
+    each point with the points it is tied to (behind a max-pool or a reshape)."""
+    root = list(range(len(points)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for point in points:
+        if point.get("tie") is not None:
+            root[find(point["index"])] = find(point["tie"])
+    groups: dict[int, list[int]] = {}
+    for point in points:
+        groups.setdefault(find(point["index"]), []).append(point["index"])
+    return list(groups.values())
+
+
 def read_json_attr(func: relax.Function, key: str, default):
     attrs = func.attrs or {}
     return json.loads(str(attrs[key])) if key in attrs else default

@@ -39,6 +39,7 @@ from ._qdq import (
     quantize_weight,
     quantize_weight_grouped,
     read_json_attr,
+    tied_point_groups,
     with_json_attr,
 )
 
@@ -241,27 +242,21 @@ class _Plan:
         """Note the activation bits ``consumer`` reads point ``index`` at; data movement
         (max-pool, reshape) takes what its own consumers ask for."""
         if consumer.op not in _TIED:
-            self.requests.setdefault(index, []).append(
-                self.qconfig.activation_bits_for(consumer.name)
-            )
+            self.requests.setdefault(index, []).append(self.activation_bits_for(consumer.name))
+            self.points[index].setdefault("readers", []).append(consumer.name)
+
+    def activation_bits_for(self, name: str) -> int:
+        """The activation bits layer ``name`` asks for: a per-layer override, else the width
+        SelectBits chose for it, else QConfig's."""
+        chosen = self.allocation.get(name, {}).get("activation_bits")
+        if chosen is not None and self.qconfig.override_activation_bits(name) is None:
+            return int(chosen)
+        return self.qconfig.activation_bits_for(name)
 
     def _settle_bits(self) -> None:
         """Each point's bits: the widest any of its readers asks for (a tensor that an 8-bit
         layer reads stays 8-bit), the same across points tied to one scale."""
-        root = list(range(len(self.points)))
-
-        def find(i: int) -> int:
-            while root[i] != i:
-                i = root[i]
-            return i
-
-        for point in self.points:
-            if point["tie"] is not None:
-                root[find(point["index"])] = find(point["tie"])
-        groups: dict[int, list[int]] = {}
-        for point in self.points:
-            groups.setdefault(find(point["index"]), []).append(point["index"])
-        for members in groups.values():
+        for members in tied_point_groups(self.points):
             asked = [b for i in members for b in self.requests.get(i, [])]
             bits = max(asked) if asked else self.qconfig.activation_bits
             for i in members:
@@ -306,7 +301,8 @@ class _Plan:
             bops=macs * bits * self.input_bits(layer),
         )
         if chosen is not None:
-            layer.record.update({k: v for k, v in chosen.items() if k != "bits"})
+            layer.record.update({k: v for k, v in chosen.items()
+                                 if k not in ("bits", "activation_bits")})
         return q, scale, axis
 
     def report(self) -> dict:
@@ -321,7 +317,7 @@ class _Plan:
                 })
                 continue
             _, _, scheme = self.qconfig.for_layer(layer.name)
-            bits, asked = self.input_bits(layer), self.qconfig.activation_bits_for(layer.name)
+            bits, asked = self.input_bits(layer), self.activation_bits_for(layer.name)
             if layer.op in _TIED:
                 asked = bits
             layers.append({

@@ -6,12 +6,16 @@ shapes, latency measured on the target) and before ``AnnotateQuantization`` writ
 chosen bits as per-layer overrides. It is a pure function of the table, so it is tested
 on hand-made tables.
 
-The program (HAWQ-V3's): one binary ``x[l, b]`` per layer ``l`` and bit width ``b``,
-``sum_b x[l, b] = 1``; minimize ``sum sensitivity[l, b] * x[l, b]`` subject to
-``sum cost[l, b] * x[l, b] <= budget`` for the budget's cost (weight bytes, latency or
-bit-operations). Layers that must share a scale (both inputs of a residual add, the
-inputs of a concat) are tied: ``x[l, b] = x[m, b]``. Fixed layers (per-node overrides)
-take their bits whatever the solver would prefer. Solved with ``scipy.optimize.milp``.
+The program (HAWQ-V3's): one binary ``x[l, w, a]`` per layer ``l``, weight width ``w``
+and activation width ``a``, ``sum x[l, ., .] = 1``; minimize the total sensitivity subject
+to ``sum cost[l, w, a] * x[l, w, a] <= budget`` for the budget's cost (weight bytes,
+latency or bit-operations, which are MACs x w x a). Layers that must share a scale (both
+inputs of a residual add, the inputs of a concat) are tied: their weight widths are equal.
+A layer's activation width is its input tensor's, so where the solver chooses activation
+bits (``ActivationGroup``: the tensors a group of layers read, tied to one scale) every
+reader of the group takes the same ``a``, and the group's sensitivity at ``a`` is counted
+once. Fixed layers (per-node overrides) take their bits whatever the solver would prefer.
+Solved with ``scipy.optimize.milp``.
 """
 
 from __future__ import annotations
@@ -131,6 +135,9 @@ class LayerCost:
         Packed weight bytes and bit-operations at each width.
     latency : mapping of int to float, optional
         Measured kernel seconds at each width; needed only by a latency budget.
+    activation_bits : int
+        The activation width ``bops`` are given at; where an ``ActivationGroup`` chooses
+        the layer's activation width, its bit-operations scale with it.
     """
 
     name: str
@@ -138,6 +145,7 @@ class LayerCost:
     weight_bytes: Mapping[int, float]
     bops: Mapping[int, float]
     latency: Mapping[int, float] | None = None
+    activation_bits: int = 8
     bits: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,11 +161,16 @@ class LayerCost:
                 )
         object.__setattr__(self, "bits", bits)
 
-    def cost(self, kind: BudgetKind, bits: int) -> float:
+    def cost(self, kind: BudgetKind, bits: int, activation_bits: int | None = None) -> float:
+        """The layer's ``kind`` of cost with ``bits``-wide weights, reading activations
+        ``activation_bits`` wide (default: its own ``activation_bits``). Weight bytes and
+        latency do not depend on the activation width (on CPUs a 4-bit activation runs the
+        8-bit kernel)."""
         if kind == BudgetKind.SIZE:
             return float(self.weight_bytes[bits])
         if kind == BudgetKind.BOPS:
-            return float(self.bops[bits])
+            scale = 1.0 if activation_bits is None else activation_bits / self.activation_bits
+            return float(self.bops[bits]) * scale
         if self.latency is None:
             raise ConfigError(
                 f"--latency-budget needs measured latencies, and layer {self.name!r} has none; "
@@ -167,13 +180,35 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
+class ActivationGroup:
+    """Activation tensors whose width the solver chooses: one tensor, or tensors tied to
+    one scale (behind a max-pool), read by the layers ``readers``.
+
+    Attributes
+    ----------
+    name : str
+        A label for messages and the report.
+    readers : tuple of str
+        The cost table's layers that read the group; they all take its width.
+    sensitivity : mapping of int to float
+        The output degradation with the group's tensors at each width (0 at 8).
+    """
+
+    name: str
+    readers: tuple[str, ...]
+    sensitivity: Mapping[int, float]
+
+
+@dataclass(frozen=True)
 class Allocation:
-    """The solver's answer: bits per layer and the totals they give."""
+    """The solver's answer: bits per layer and the totals they give. ``activation_bits``
+    holds the activation widths the solver chose (layers of an ``ActivationGroup``)."""
 
     bits: Mapping[str, int]
     sensitivity: float
     cost: float
     reference_cost: float
+    activation_bits: Mapping[str, int] = field(default_factory=dict)
 
 
 def allocate_bits(
@@ -182,6 +217,7 @@ def allocate_bits(
     *,
     ties: Iterable[Iterable[str]] = (),
     fixed: Mapping[str, int] | None = None,
+    activations: Sequence[ActivationGroup] = (),
 ) -> Allocation:
     """Choose each layer's bits: least total sensitivity whose cost fits the budget.
 
@@ -195,6 +231,9 @@ def allocate_bits(
         Groups of layer names that must take the same bits.
     fixed : mapping of str to int, optional
         Layers whose bits are given (per-node overrides); the solver works around them.
+    activations : sequence of ActivationGroup
+        Activation tensors whose width the solver chooses too (each layer reads at most
+        one); other layers keep their ``activation_bits``.
 
     Raises
     ------
@@ -221,24 +260,39 @@ def allocate_bits(
                 f"layers {names} must share a scale, so they take the same bits, but the "
                 f"overrides give them {sorted(wanted)}; give them one width"
             )
+    reader_of = _activation_readers(activations, index)
     kind = budget.kind
-    reference = sum(layer.cost(kind, max(layer.bits)) for layer in layers)
-    limit = budget.value * reference if budget.relative else budget.value
-    # Each tie group picks one width from those all its layers offer.
-    choices = []
+    # Each tie group picks one weight width from those all its layers offer.
+    widths: dict[int, list[int]] = {}
     for group in groups:
         common = set.intersection(*(set(layers[i].bits) for i in group))
         pinned = {fixed[layers[i].name] for i in group if layers[i].name in fixed}
-        widths = sorted(pinned or common)
-        if not widths:
+        if not (pinned or common):
             names = ", ".join(layers[i].name for i in group)
             raise ConfigError(f"tied layers {names} have no bit width in common")
-        choices.append(widths)
-    sens = [[sum(layers[i].sensitivity[b] for i in g) for b in w]
-            for g, w in zip(groups, choices, strict=True)]
-    cost = [[sum(layers[i].cost(kind, b) for i in g) for b in w]
-            for g, w in zip(groups, choices, strict=True)]
-    smallest = sum(min(c) for c in cost)
+        for i in group:
+            widths[i] = sorted(pinned or common)
+    # The variables: one per (layer, weight width, activation width).
+    options: list[tuple[int, int, int | None]] = []
+    for i, layer in enumerate(layers):
+        group = reader_of.get(i)
+        act_widths = sorted(activations[group].sensitivity) if group is not None else [None]
+        options += [(i, w, a) for w in widths[i] for a in act_widths]
+    sens = np.array([layers[i].sensitivity[w] for i, w, _ in options])
+    first_reader = {g: min(readers) for g, readers in _group_readers(reader_of).items()}
+    for k, (i, _, a) in enumerate(options):
+        group = reader_of.get(i)
+        if group is not None and first_reader[group] == i:
+            sens[k] += activations[group].sensitivity[a]
+    cost = np.array([layers[i].cost(kind, w, a) for i, w, a in options])
+    reference = sum(
+        layers[i].cost(kind, max(layer.bits),
+                       max(activations[reader_of[i]].sensitivity) if i in reader_of else None)
+        for i, layer in enumerate(layers)
+    )
+    limit = budget.value * reference if budget.relative else budget.value
+    equal = _one_each_and_ties(options, len(layers), groups, reader_of)
+    smallest = float(cost @ _solve(cost, equal))
     tolerance = 1e-9 * max(reference, 1e-30)
     if smallest > limit + tolerance:
         given = budget.describe(limit, reference)
@@ -250,15 +304,60 @@ def allocate_bits(
             f"{kind.flag} {given} is infeasible: the smallest feasible value is {least}, "
             "with every layer at its cheapest allowed width"
         )
-    picks = _solve(sens, cost, limit + tolerance)
+    x = _solve(sens, equal, (cost, limit + tolerance))
     bits: dict[str, int] = {}
-    for g, w, k in zip(groups, choices, picks, strict=True):
-        for i in g:
-            bits[layers[i].name] = w[k]
-    total_sens = sum(s[k] for s, k in zip(sens, picks, strict=True))
-    total_cost = sum(c[k] for c, k in zip(cost, picks, strict=True))
+    activation_bits: dict[str, int] = {}
+    for (i, w, a), chosen in zip(options, x, strict=True):
+        if chosen:
+            bits[layers[i].name] = w
+            if a is not None:
+                activation_bits[layers[i].name] = a
     ordered = {layer.name: bits[layer.name] for layer in layers}
-    return Allocation(ordered, float(total_sens), float(total_cost), float(reference))
+    return Allocation(ordered, float(sens @ x), float(cost @ x), float(reference),
+                      activation_bits)
+
+
+def _activation_readers(activations: Sequence[ActivationGroup], index) -> dict[int, int]:
+    """Layer index -> the activation group it reads."""
+    reader_of: dict[int, int] = {}
+    for g, group in enumerate(activations):
+        for name in group.readers:
+            if name not in index:
+                raise ConfigError(f"activation group {group.name!r} names layer {name!r}, "
+                                  "which is not in the cost table")
+            if index[name] in reader_of:
+                raise ConfigError(f"layer {name!r} is a reader of two activation groups")
+            reader_of[index[name]] = g
+    return reader_of
+
+
+def _group_readers(reader_of: Mapping[int, int]) -> dict[int, list[int]]:
+    readers: dict[int, list[int]] = {}
+    for i, g in sorted(reader_of.items()):
+        readers.setdefault(g, []).append(i)
+    return readers
+
+
+def _one_each_and_ties(options, count: int, groups, reader_of) -> np.ndarray:
+    """Rows ``A`` of ``A x = 0 or 1``: one option per layer (= 1), then tied layers' weight
+    widths and an activation group's readers' widths equal (= 0). The last column holds
+    the right-hand side."""
+    rows = []
+    for i in range(count):
+        rows.append([1.0 if o[0] == i else 0.0 for o in options] + [1.0])
+
+    def equal(i: int, j: int, position: int) -> None:
+        for width in sorted({o[position] for o in options if o[0] == i}):
+            rows.append([(o[0] == i and o[position] == width) - (o[0] == j and o[position] == width)
+                         for o in options] + [0.0])
+
+    for group in groups:
+        for i, j in itertools.pairwise(group):
+            equal(i, j, 1)
+    for readers in _group_readers(reader_of).values():
+        for i, j in itertools.pairwise(readers):
+            equal(i, j, 2)
+    return np.asarray(rows, dtype="float64")
 
 
 def _groups(layers, index, ties) -> list[list[int]]:
@@ -285,29 +384,16 @@ def _groups(layers, index, ties) -> list[list[int]]:
     return sorted(grouped.values(), key=lambda g: g[0])
 
 
-def _solve(sens: list[list[float]], cost: list[list[float]], limit: float) -> list[int]:
-    """The MILP: one binary per (group, width), one width per group, cost under limit."""
+def _solve(objective: np.ndarray, equal: np.ndarray, budget=None) -> np.ndarray:
+    """The MILP: binaries minimizing ``objective``, ``equal``'s rows (``_one_each_and_ties``)
+    holding, and ``budget`` = (cost, limit) when given."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    sizes = [len(s) for s in sens]
-    n = sum(sizes)
-    objective = np.concatenate([np.asarray(s, dtype="float64") for s in sens])
-    one_each = np.zeros((len(sizes), n))
-    start = 0
-    for g, size in enumerate(sizes):
-        one_each[g, start : start + size] = 1
-        start += size
-    costs = np.concatenate([np.asarray(c, dtype="float64") for c in cost])[None, :]
-    result = milp(
-        objective,
-        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(costs, -np.inf, limit)],
-        integrality=np.ones(n),
-        bounds=Bounds(0, 1),
-    )
+    constraints = [LinearConstraint(equal[:, :-1], equal[:, -1], equal[:, -1])]
+    if budget is not None:
+        cost, limit = budget
+        constraints.append(LinearConstraint(cost[None, :], -np.inf, limit))
+    result = milp(objective, constraints=constraints, integrality=np.ones(objective.size),
+                  bounds=Bounds(0, 1))
     assert result.success, result.message  # feasibility was checked before
-    x = np.round(result.x).astype(int)
-    picks, start = [], 0
-    for size in sizes:
-        picks.append(int(np.argmax(x[start : start + size])))
-        start += size
-    return picks
+    return np.round(result.x).astype(int)

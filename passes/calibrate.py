@@ -240,6 +240,7 @@ def _measure_sqnr(report, mod, chosen, float_vm, data: Sequence, batches: int) -
 
 
 def _describe_points(report: dict, chosen: dict[int, tuple[float, int]]) -> None:
+    report["points"] = [list(chosen[i]) for i in sorted(chosen)]  # [scale, zero] per point
     for layer in report["layers"]:
         layer["input_scales"] = [chosen[i][0] for i in layer.get("input_points", [])]
         layer["input_zero_points"] = [chosen[i][1] for i in layer.get("input_points", [])]

@@ -20,6 +20,16 @@ quantity); (3) it needs no labels and works for any output (logits, boxes, embed
 unlike an accuracy drop, which is also too coarse on a few hundred images. The weights are
 lifted into parameters of one simulated model, so one compile serves every layer.
 
+Activations. Under ``--bops-budget`` (the one budget a 4-bit activation buys anything
+in on CPUs, where it runs the 8-bit kernels) the solver chooses activation widths too, as
+HAWQ-V3 does: per tensor, since a tensor is as wide as its widest reader needs (tensors tied
+to one scale behind a max-pool go together), for tensors that only weight layers read and
+no override fixes, when ``QConfig.activation_bits`` is 8. A tensor's sensitivity is the
+same output noise power with only that tensor at 4 bits (its 4-bit range calibrated as
+4-bit points are, over 16 levels). To measure all of them with one compile, the simulated
+model's quantization points are float ops whose scale, zero point and clamp are
+parameters.
+
 Costs: packed weight bytes and bit-operations (MACs x weight bits x activation bits) per
 layer at each width, from the shapes; latency, when a ``measure`` callable is given (the
 build pipeline passes one for ``--latency-budget`` on a target that runs here), measured by
@@ -46,13 +56,16 @@ from ._qdq import (
     BITS_ATTR,
     QPOINTS_ATTR,
     REPORT_ATTR,
+    activation_levels,
+    placeholder_index,
     quantize_weight,
     quantize_weight_grouped,
     read_json_attr,
+    tied_point_groups,
     with_json_attr,
 )
 from .annotate import AnnotateQuantization
-from .bit_allocation import Budget, LayerCost, allocate_bits
+from .bit_allocation import ActivationGroup, Budget, BudgetKind, LayerCost, allocate_bits
 from .calibrate import Calibrate, _feed_list, _model_inputs
 
 _WIDTHS = (4, 8)
@@ -100,17 +113,24 @@ class SelectBits:
         main = mod["main"]
         if QPOINTS_ATTR in (main.attrs or {}) or BITS_ATTR in (main.attrs or {}):
             return mod  # already annotated, or bits already chosen
-        table, ties = self._measure(mod)
+        table, ties, groups = self._measure(mod)
         if not table:
             return mod
         fixed = {
             layer.name: bits for layer in table
             if (bits := self.qconfig.override_bits(layer.name)) is not None
         }
-        allocation = allocate_bits(table, self.budget, ties=ties, fixed=fixed)
+        allocation = allocate_bits(table, self.budget, ties=ties, fixed=fixed,
+                                   activations=groups)
+        read = {name: group for group in groups for name in group.readers}
         chosen = {
             layer.name: {
                 "bits": allocation.bits[layer.name],
+                **({"activation_bits": allocation.activation_bits[layer.name],
+                    "activation_sensitivity": {
+                        str(b): v for b, v in read[layer.name].sensitivity.items()},
+                    "activation_bits_from": "solver"}
+                   if layer.name in allocation.activation_bits else {}),
                 "sensitivity": {str(b): layer.sensitivity[b] for b in layer.bits},
                 "weight_bytes_by_bits": {str(b): layer.weight_bytes[b] for b in layer.bits},
                 "bops_by_bits": {str(b): layer.bops[b] for b in layer.bits},
@@ -124,51 +144,64 @@ class SelectBits:
         mod["main"] = with_json_attr(main, BITS_ATTR, chosen)
         return mod
 
-    def _measure(self, mod: tvm.IRModule) -> tuple[list[LayerCost], list[list[str]]]:
-        """The cost table and tie groups, from the model calibrated at INT8."""
+    def _measure(self, mod: tvm.IRModule
+                 ) -> tuple[list[LayerCost], list[list[str]], list[ActivationGroup]]:
+        """The cost table, tie groups and activation groups, from the model at INT8."""
         probe_config = dataclasses.replace(self.qconfig, weight_bits=8)
-        probe = tvm.transform.Sequential([
-            AnnotateQuantization(probe_config),
-            Calibrate(self.dataset, self.qconfig.calibration,
-                      percentile=self.qconfig.percentile, report_batches=0),
-        ])(mod)
-        main = probe["main"]
-        report = read_json_attr(main, REPORT_ATTR, {"layers": []})
+        calibrate = Calibrate(self.dataset, self.qconfig.calibration,
+                              percentile=self.qconfig.percentile, report_batches=0)
+        annotated = AnnotateQuantization(probe_config)(mod)
+        report = read_json_attr(calibrate(annotated)["main"], REPORT_ATTR, {"layers": []})
         layers = [layer for layer in report["layers"] if "weight_bits" in layer]
         if not layers:
-            return [], []
+            return [], [], []
+        main = annotated["main"]
+        points = read_json_attr(main, QPOINTS_ATTR, [])
+        members = self._activation_choices(points, {layer["name"] for layer in layers})
+        narrow = None
+        if members:
+            narrow_config = dataclasses.replace(probe_config, activation_bits=4)
+            narrow = read_json_attr(
+                calibrate(AnnotateQuantization(narrow_config)(mod))["main"], REPORT_ATTR, {}
+            )["points"]
         lifted, weights = _lift_weights(main)
         if len(weights) != len(layers):
             raise PipelineError(
                 f"SelectBits found {len(weights)} weight constants for {len(layers)} layers; "
                 "run it on the model before AnnotateQuantization"
             )
+        lifted = _lift_points(lifted, len(points))
         vm = _observe.build(lifted, mod)
         data = list(load_calibration_data(self.dataset, _model_inputs(main)))[: self.batches]
         feeds = [[tvm.runtime.tensor(f) for f in _feed_list(main, batch)] for batch in data]
         for weight in weights:
             weight.group_size = self.qconfig.weight_group_size
         base = [tvm.runtime.tensor(w.dequantized()) for w in weights]
+        wide = _point_arguments(points, report["points"])
 
-        def outputs(weight_args):
+        def outputs(weight_args, point_args):
             result = []
             for feed in feeds:
-                out = vm["main"](*feed, *weight_args)
+                out = vm["main"](*feed, *weight_args, *point_args)
                 fields = [out] if hasattr(out, "numpy") else list(out)
                 result.append([f.numpy().astype("float64") for f in fields])
             return result
 
-        reference = outputs(base)
+        reference = outputs(base, wide)
         signal = sum(float(np.sum(o**2)) for batch in reference for o in batch) or 1.0
+
+        def sensitivity(weight_args, point_args) -> float:
+            noise = sum(
+                float(np.sum((o - r) ** 2))
+                for got, ref in zip(outputs(weight_args, point_args), reference, strict=True)
+                for o, r in zip(got, ref, strict=True)
+            )
+            return noise / signal
+
         table = []
         for i, (layer, weight) in enumerate(zip(layers, weights, strict=True)):
             args = list(base)
             args[i] = tvm.runtime.tensor(weight.dequantized(bits=4))
-            noise = sum(
-                float(np.sum((o - r) ** 2))
-                for got, ref in zip(outputs(args), reference, strict=True)
-                for o, r in zip(got, ref, strict=True)
-            )
             size, macs = weight.q.size, int(layer["macs"])
             packed = stored_weight_bytes(weight.consumer, weight.q.shape, bits=4,
                                          axis=weight.axis, group_size=weight.group_size)
@@ -178,12 +211,99 @@ class SelectBits:
                 latency = {b: self.measure(*_lone_layer(weight, b, layer)) for b in _WIDTHS}
             table.append(LayerCost(
                 layer["name"],
-                sensitivity={4: noise / signal, 8: 0.0},
+                sensitivity={4: sensitivity(args, wide), 8: 0.0},
                 weight_bytes={4: float(packed), 8: float(size)},
                 bops={b: float(macs * b * act_bits) for b in _WIDTHS},
                 latency={b: float(latency[b]) for b in _WIDTHS} if latency else None,
+                activation_bits=act_bits,
             ))
-        return table, _ties(report)
+        groups = []
+        for indices, readers in members:
+            at_four = _point_arguments(points, report["points"], narrow, indices)
+            groups.append(ActivationGroup(
+                f"input of {readers[0]}", tuple(readers),
+                {4: sensitivity(base, at_four), 8: 0.0},
+            ))
+        return table, _ties(report), groups
+
+    def _activation_choices(self, points: list[dict], weight_layers: set[str]
+                            ) -> list[tuple[list[int], list[str]]]:
+        """(point indices, readers) of each tensor whose activation width the solver may
+        choose: under a bops budget, read only by weight layers, none overridden."""
+        if self.budget.kind != BudgetKind.BOPS or self.qconfig.activation_bits != 8:
+            return []
+        choices = []
+        for indices in tied_point_groups(points):
+            readers = [name for i in indices for name in points[i].get("readers", [])]
+            if readers and all(
+                name in weight_layers and self.qconfig.override_activation_bits(name) is None
+                for name in readers
+            ):
+                choices.append((indices, readers))
+        return choices
+
+
+def _point_arguments(points: list[dict], wide: list, narrow: list | None = None,
+                     narrowed: list[int] = ()) -> list:
+    """The lifted quantization points' parameters (``_lift_points``): scale, zero point and
+    clamp of every point, at the bits it was calibrated for (``wide``), those in
+    ``narrowed`` at 4 bits (``narrow``)."""
+    scale, zero, low, high = (np.zeros(len(points), "float32") for _ in range(4))
+    for point in points:
+        i = point["index"]
+        bits = 4 if i in narrowed else int(point.get("bits", 8))
+        scale[i], zero[i] = (narrow if i in narrowed else wide)[i]
+        low[i], high[i] = activation_levels(bits)
+    return [tvm.runtime.tensor(a) for a in (scale, zero, low, high)]
+
+
+def _lift_points(func: relax.Function, count: int) -> relax.Function:
+    """``func`` (annotated, its points still placeholders) with each quantization point a
+    float round-and-clamp whose scale, zero point and clamp are read from four parameters
+    of ``count`` values each (one per point), appended to the parameters: so one compiled
+    model simulates every point at any width."""
+    params = [relax.Var(name, relax.TensorType([count], "float32"))
+              for name in ("point_scale", "point_zero", "point_low", "point_high")]
+
+    def entry(values: relax.Var, index: int) -> relax.Expr:
+        return relax.op.strided_slice(values, axes=[0], begin=[index], end=[index + 1])
+
+    blocks = []
+    floats: dict[relax.Var, relax.Var] = {}  # an int8 point value -> its float stand-in
+    for block in func.body.blocks:
+        bindings = []
+        for binding in block.bindings:
+            value = binding.value
+            op = getattr(value, "op", None)
+            name = getattr(op, "name", "")
+            index = placeholder_index(value) if name in ("relax.quantize",
+                                                         "relax.dequantize") else None
+            if name == "relax.quantize" and index is not None:
+                scale, zero, low, high = (entry(p, index) for p in params)
+                levels = relax.op.add(relax.op.round(relax.op.divide(value.args[0], scale)),
+                                      zero)
+                clamped = relax.op.minimum(relax.op.maximum(levels, low), high)
+                new = relax.Var(binding.var.name, relax.TensorType(
+                    binding.var.ty.shape, "float32"))
+                floats[binding.var] = new
+                bindings.append(relax.VarBinding(new, clamped))
+                continue
+            if name == "relax.clip" and value.args[0] in floats:
+                new = relax.Var(binding.var.name, relax.TensorType(
+                    binding.var.ty.shape, "float32"))
+                floats[binding.var] = new
+                bindings.append(relax.VarBinding(new, relax.Call(
+                    value.op, [floats[value.args[0]], *value.args[1:]], value.attrs)))
+                continue
+            if name == "relax.dequantize" and index is not None and value.args[0] in floats:
+                scale, zero = entry(params[0], index), entry(params[1], index)
+                binding = relax.VarBinding(binding.var, relax.op.multiply(
+                    relax.op.subtract(floats[value.args[0]], zero), scale))
+            bindings.append(binding)
+        blocks.append(relax.BindingBlock(bindings))
+    lifted = relax.Function([*func.params, *params], relax.SeqExpr(blocks, func.body.body),
+                            func.ret_ty, True, func.attrs)
+    return relax.transform.Normalize()(tvm.IRModule({"main": lifted}))["main"]
 
 
 @dataclasses.dataclass

@@ -1,11 +1,18 @@
 """The mixed INT4/INT8 bit-allocation MILP on hand-made cost tables: the optimum against
-brute force, tied layers, fixed (overridden) layers, budget parsing and infeasible budgets."""
+brute force, tied layers, fixed (overridden) layers, activation widths chosen per tensor,
+budget parsing and infeasible budgets."""
 
 import itertools
 
 import numpy as np
 import pytest
-from tvmq.passes.bit_allocation import Budget, BudgetKind, LayerCost, allocate_bits
+from tvmq.passes.bit_allocation import (
+    ActivationGroup,
+    Budget,
+    BudgetKind,
+    LayerCost,
+    allocate_bits,
+)
 
 from tvmq.errors import ConfigError
 
@@ -146,3 +153,83 @@ def test_unknown_names_are_errors():
         allocate_bits(layers, Budget(BudgetKind.SIZE, 0.9), ties=[("a", "z")])
     with pytest.raises(ConfigError, match="names layer 'z', which is not quantizable"):
         allocate_bits(layers, Budget(BudgetKind.SIZE, 0.9), fixed={"z": 4})
+
+
+def _macs_layer(name, sens4, macs):
+    # bops at 8-bit activations: MACs x weight bits x 8.
+    return LayerCost(name, sensitivity={4: sens4, 8: 0.0}, weight_bytes={4: 1.0, 8: 2.0},
+                     bops={4: macs * 4 * 8, 8: macs * 8 * 8})
+
+
+def _activation_table():
+    # Three layers of 100 MACs (INT8 bops 3 x 6400). "a" reads one tensor; "b" and "c" read
+    # another, which is one choice for both (W8A4 saves 3200 bops per layer).
+    layers = [_macs_layer("a", 1.0, 100), _macs_layer("b", 5.0, 100),
+              _macs_layer("c", 5.0, 100)]
+    groups = [ActivationGroup("x", ("a",), {4: 0.1, 8: 0.0}),
+              ActivationGroup("y", ("b", "c"), {4: 0.6, 8: 0.0})]
+    return layers, groups
+
+
+def _brute_force_with_activations(layers, groups, limit):
+    best = None
+    for weights in itertools.product((4, 8), repeat=len(layers)):
+        for acts in itertools.product((4, 8), repeat=len(groups)):
+            w = dict(zip((layer.name for layer in layers), weights, strict=True))
+            a = {name: bits for group, bits in zip(groups, acts, strict=True)
+                 for name in group.readers}
+            cost = sum(layer.cost(BudgetKind.BOPS, w[layer.name], a[layer.name])
+                       for layer in layers)
+            sens = (sum(layer.sensitivity[w[layer.name]] for layer in layers)
+                    + sum(g.sensitivity[b] for g, b in zip(groups, acts, strict=True)))
+            if cost <= limit + 1e-9 and (best is None or sens < best[0] - 1e-12):
+                best = (sens, w, a)
+    return best
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.75, 0.6, 0.5, 0.4, 0.3, 0.25])
+def test_activation_widths_match_brute_force(fraction):
+    layers, groups = _activation_table()
+    result = allocate_bits(layers, Budget(BudgetKind.BOPS, fraction), activations=groups)
+    sens, *_ = _brute_force_with_activations(layers, groups, fraction * 19200)
+    assert result.sensitivity == pytest.approx(sens)
+    assert result.cost <= fraction * 19200 + 1e-6
+    assert result.activation_bits["b"] == result.activation_bits["c"]  # one tensor
+
+
+def test_shared_tensor_sensitivity_counts_once():
+    # At 0.75 (14400 of 19200 bops) the tensor "b" and "c" read goes to 4 bits: 6400 bops
+    # saved for 0.6. Counted once per reader (1.2) it would lose to W4A4 "a" (1.1).
+    layers, groups = _activation_table()
+    result = allocate_bits(layers, Budget(BudgetKind.BOPS, 0.75), activations=groups)
+    assert result.bits == {"a": 8, "b": 8, "c": 8}
+    assert result.activation_bits == {"a": 8, "b": 4, "c": 4}
+    assert result.sensitivity == pytest.approx(0.6) and result.cost == pytest.approx(12800)
+
+
+def test_activation_widths_reach_budgets_weights_alone_cannot():
+    layers, groups = _activation_table()
+    # Weights alone reach half the bops at best; W4A4 everywhere a quarter.
+    with pytest.raises(ConfigError, match=r"smallest feasible value is 0\.5000"):
+        allocate_bits(layers, Budget(BudgetKind.BOPS, 0.4))
+    assert allocate_bits(layers, Budget(BudgetKind.BOPS, 0.4),
+                         activations=groups).cost <= 0.4 * 19200
+    with pytest.raises(ConfigError, match=r"smallest feasible value is 0\.2500"):
+        allocate_bits(layers, Budget(BudgetKind.BOPS, 0.2), activations=groups)
+    # A fixed weight width still holds; the size budget ignores activation widths.
+    fixed = allocate_bits(layers, Budget(BudgetKind.BOPS, 0.5), activations=groups,
+                          fixed={"b": 8})
+    assert fixed.bits["b"] == 8 and fixed.cost <= 0.5 * 19200
+    size = allocate_bits(layers, Budget(BudgetKind.SIZE, 1.0), activations=groups)
+    assert size.activation_bits == {"a": 8, "b": 8, "c": 8}
+
+
+def test_activation_group_errors():
+    layers, _ = _activation_table()
+    with pytest.raises(ConfigError, match="names layer 'z'"):
+        allocate_bits(layers, Budget(BudgetKind.BOPS, 0.9),
+                      activations=[ActivationGroup("x", ("z",), {4: 0.1, 8: 0.0})])
+    with pytest.raises(ConfigError, match="reader of two activation groups"):
+        allocate_bits(layers, Budget(BudgetKind.BOPS, 0.9), activations=[
+            ActivationGroup("x", ("a",), {4: 0.1, 8: 0.0}),
+            ActivationGroup("y", ("a",), {4: 0.1, 8: 0.0})])

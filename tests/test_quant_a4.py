@@ -12,6 +12,9 @@ import tvm
 from tvm import relax
 from tvmq.passes import AnnotateQuantization, Calibrate, RealizeQuantization
 from tvmq.passes._observe import build
+from tvmq.passes._qdq import BITS_ATTR, read_json_attr
+from tvmq.passes.bit_allocation import Budget
+from tvmq.passes.select_bits import SelectBits
 
 import tvmq
 from tvmq.cli import main as cli_main
@@ -59,7 +62,7 @@ def _report(mod):
 
 def _kernel_inputs(mod):
     """``main`` returning, besides its output, the integer activation read by each integer
-    conv2d / matmul (in order)."""
+    conv2d / matmul, int8 or int4 weights (in order)."""
     flat = relax.transform.ToNonDataflow()(mod)["main"]
     reads = []
     for block in flat.body.blocks:
@@ -70,6 +73,9 @@ def _kernel_inputs(mod):
                     and str(value.attrs.out_dtype) == "int32"
                     and str(value.args[0].ty.dtype) in ("int8", "uint8")):
                 reads.append(value.args[0])
+            elif (isinstance(value, relax.Call) and getattr(value.op, "name", "") ==
+                  "relax.call_tir" and "int4" in value.args[0].name_hint):
+                reads.append(value.args[1].fields[0])  # an int4-weight kernel's input
     fields = [flat.body.body, *reads]
     body = relax.SeqExpr(flat.body.blocks, relax.Tuple(fields))
     func = relax.Function(flat.params, body, relax.TupleType([f.ty for f in fields]), True,
@@ -163,3 +169,44 @@ def test_digits_w4a4_from_the_cli(tmp_path, digits, capsys):
     assert _accuracy(out, images, labels) >= _accuracy(fp32, images, labels) - 1.5
     assert cli_main(["compile", model, "--activation-bits", "4", "-o", str(out)]) == 1
     assert "--activation-bits is only used with --quantize" in capsys.readouterr().err
+
+
+def test_bops_budget_chooses_activation_bits_per_tensor():
+    # Weights alone reach 0.5 of the INT8 bit-operations at best; 0.4 needs 4-bit tensors.
+    mod = SelectBits(DATA, Budget.parse("bops", "0.4"))(_model())
+    chosen = read_json_attr(mod["main"], BITS_ATTR, {})
+    choosing = {name for name, c in chosen.items() if "activation_bits" in c}
+    # conv2d_2's input is also read by the add, which asks for 8 bits: not the solver's.
+    assert choosing == {"conv2d_0", "conv2d_1", "matmul_0"}
+    assert all(chosen[n]["activation_sensitivity"]["4"] > 0 for n in choosing)
+    annotated = AnnotateQuantization(QConfig())(mod)
+    report = _report(annotated)
+    for name in choosing:
+        assert report[name]["activation_bits"] == chosen[name]["activation_bits"]
+    # The max-pool's input and output share one scale, so one width.
+    assert report["max_pool2d_0"]["activation_bits"] == report["conv2d_1"]["activation_bits"]
+    bops = sum(report[name]["bops"] for name in chosen)
+    assert bops <= 0.4 * sum(report[name]["macs"] * 64 for name in chosen)
+    narrow = [i for i, name in enumerate(["conv2d_0", "conv2d_1", "conv2d_2", "matmul_0"])
+              if report[name]["activation_bits"] == 4]
+    assert narrow
+    # The realized kernels of the 4-bit readers read 16 levels.
+    calibrated = Calibrate(DATA, report_batches=0)(annotated)
+    realized = RealizeQuantization()(calibrated)
+    func, count = _kernel_inputs(realized)
+    assert count == 4
+    vm = build(func, realized)
+    for scale in (1.0, 6.0):
+        result = vm["main"](tvm.runtime.tensor((scale * RNG.random((1, 2, 8, 8))).astype(
+            np.float32)))
+        for i in narrow:
+            values = result[i + 1].numpy()
+            assert values.min() >= -8 and values.max() <= 7, (i, values.min(), values.max())
+
+
+def test_activation_override_is_not_the_solvers():
+    qconfig = QConfig(overrides={"conv2d_0": LayerOverride(activation_bits=8)})
+    mod = SelectBits(DATA, Budget.parse("bops", "0.45"), qconfig)(_model())
+    chosen = read_json_attr(mod["main"], BITS_ATTR, {})
+    assert "activation_bits" not in chosen["conv2d_0"]
+    assert _report(AnnotateQuantization(qconfig)(mod))["conv2d_0"]["activation_bits"] == 8

@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                           ("bops", "0.6 or 3G")):
         graph.add_argument(f"--{kind}-budget", metavar="B",
                            help=f"--quantize mixed: the {kind} budget, a fraction of the INT8 "
-                                f"model or an amount ({example})")
+                                f"model or an amount ({example})"
+                                + ("; also chooses 4- or 8-bit activations per tensor"
+                                   if kind == "bops" else ""))
     graph.add_argument("--disabled-pass", action="append", default=[], metavar="NAME",
                        help="leave a pass out of the pipeline (repeatable)")
     graph.add_argument("--conv-algorithm", default="predict",

@@ -193,18 +193,23 @@ class QConfig:
 
     def override_bits(self, layer: str) -> int | None:
         """The weight bits a per-layer override sets for this layer, or None."""
-        bits = None
-        for pattern, override in self.overrides.items():
-            if fnmatch.fnmatchcase(layer, pattern) and override.weight_bits is not None:
-                bits = override.weight_bits
-        return bits
+        return self._override(layer, "weight_bits")
+
+    def override_activation_bits(self, layer: str) -> int | None:
+        """The activation bits a per-layer override sets for this layer, or None."""
+        return self._override(layer, "activation_bits")
 
     def activation_bits_for(self, layer: str) -> int:
         """The activation bits this layer reads, after per-layer overrides."""
-        bits = self.activation_bits
+        bits = self.override_activation_bits(layer)
+        return self.activation_bits if bits is None else bits
+
+    def _override(self, layer: str, field_name: str) -> int | None:
+        bits = None
         for pattern, override in self.overrides.items():
-            if fnmatch.fnmatchcase(layer, pattern) and override.activation_bits is not None:
-                bits = override.activation_bits
+            value = getattr(override, field_name)
+            if fnmatch.fnmatchcase(layer, pattern) and value is not None:
+                bits = value
         return bits
 
     def for_layer(self, layer: str) -> tuple[int, Granularity, ActivationScheme]:

@@ -39,7 +39,9 @@ class QuantizationReport:
         Per quantized layer: ``name``, ``op``, ``fused`` ops, ``weight_bits``, ``weight_bytes``
         (packed), ``macs`` and ``bops``; under ``--quantize mixed`` also ``sensitivity``,
         ``weight_bytes_by_bits``, ``bops_by_bits``, ``latency_s_by_bits`` (when measured) and
-        ``bits_from`` ("solver" or "override");
+        ``bits_from`` ("solver" or "override"), and where the solver chose the layer's
+        activation width (``--bops-budget``) ``activation_sensitivity`` and
+        ``activation_bits_from``;
         ``weight_scales``, ``input_scales`` / ``input_zero_points``, ``output_scale`` /
         ``output_zero_point`` (None when the layer's output is float), ``activation_bits``
         and ``sqnr_db`` (of its output against the float model on the calibration data).
@@ -86,7 +88,8 @@ class QuantizationReport:
                 for key in ("name", "op", "fused", "weight_bits", "activation_bits",
                             "input_scales", "input_zero_points", "output_scale",
                             "output_zero_point", "sqnr_db", "weight_bytes", "bops",
-                            "sensitivity", "bits_from", "latency_s_by_bits")
+                            "sensitivity", "bits_from", "latency_s_by_bits",
+                            "activation_sensitivity", "activation_bits_from")
             }
             for layer in self.layers
         ]
