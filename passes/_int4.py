@@ -92,6 +92,33 @@ def pack_int4_te(values: te.Tensor) -> te.Tensor:
     return te.compute((*lead, depth // 2), byte, name="pack_int4")
 
 
+def patch_rows(x: te.Tensor, *, kernel, strides, padding, dilation, zero: int,
+               depth: int) -> te.Tensor:
+    """TE: NCHW int4 values (in int8) -> rows[(n, y, x), (c, ky, kx)], one row per output
+    pixel holding its receptive field (im2col, pixel-major), padded with the zero point
+    (the real 0) outside the image and with 0 from the window's size up to ``depth`` (the
+    weight rows are zero there)."""
+    batch, channels, height, width = (int(d) for d in x.shape)
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
+    top, left, bottom, right = padding
+    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    window = channels * kh * kw
+
+    def value(p, k):
+        n, rest = p // (oh * ow), p % (oh * ow)
+        c, r = k // (kh * kw), k % (kh * kw)
+        y = rest // ow * sh + r // kw * dh - top
+        x_ = rest % ow * sw + r % kw * dw - left
+        inside = tirx.all(y >= 0, y < height, x_ >= 0, x_ < width)
+        read = x[n, tirx.min(c, channels - 1), tirx.max(tirx.min(y, height - 1), 0),
+                 tirx.max(tirx.min(x_, width - 1), 0)]
+        padded = tirx.if_then_else(inside, read, tirx.const(zero, "int8"))
+        return tirx.if_then_else(k < window, padded, tirx.const(0, "int8"))
+
+    return te.compute((batch * oh * ow, depth), value, name="patch_rows")
+
+
 def int4_matmul(a_packed: te.Tensor, b_packed: te.Tensor) -> te.Tensor:
     """TE: packed int4 ``a[M, K/2]`` times packed int4 ``b[N, K/2]`` (transposed) -> int32,
     the form ``schedules/cuda_int4.py`` puts on s4 tensor cores. The int4 buffers exist only

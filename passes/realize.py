@@ -23,9 +23,10 @@ back into packed ``q`` and ``m``, and the kernel multiplies them while unpacking
 
 4-bit activations (annotate's ``dequantize(clip(quantize(x), -8, 7))``) keep their clamp as
 an integer clip after the producing kernel's requantize. Where the target multiplies int4 by
-int4 (``int4_tensor_cores``: CUDA sm_75..sm_89), a matmul with int4 weights that reads such
-an activation becomes the packed int4 kernel the s4 tensor-core rule schedules
-(``_int4.int4_matmul``). Depthwise convolutions keep int4 weights in int8
+int4 (``int4_tensor_cores``: CUDA sm_75..sm_89), a matmul or ungrouped convolution with
+int4 weights that reads such an activation becomes the packed int4 kernel the s4
+tensor-core rule schedules (``_int4.int4_matmul``; a convolution over its pixels' windows,
+gathered and packed at run time). Depthwise convolutions keep int4 weights in int8
 (``_int4.stores_packed``) and run the INT8 depthwise kernel.
 
 ``unsigned_activations=True`` keeps every activation in uint8 with its zero point shifted by
@@ -56,6 +57,7 @@ from ._int4 import (
     pack_int4,
     pack_int4_rows,
     pack_int4_te,
+    patch_rows,
     stores_packed,
     unpacked,
 )
@@ -144,8 +146,8 @@ class RealizeQuantization:
     int_dot : IntDot
         The target's integer multiply, the form of those blocked kernels.
     int4_tensor_cores : bool
-        The target multiplies int4 by int4 (CUDA sm_75..sm_89, s4 WMMA): matmuls with int4
-        weights that read 4-bit activations (W4A4) are built as the packed int4 kernel
+        The target multiplies int4 by int4 (CUDA sm_75..sm_89, s4 WMMA): matmuls and convs
+        with int4 weights that read 4-bit activations (W4A4) are built as the packed int4 kernel
         that ``schedules/cuda_int4.py`` puts on tensor cores.
     """
 
@@ -344,10 +346,11 @@ def _compute_rewriter(p: _Patterns, realized: list[str], quantized_output: bool,
             grouped = factor_groups(w_int, axis=0 if is_conv else 1,
                                     group_size=kernels.group_size)
         acc = None
-        if (kernels.int4_tensor_cores and not is_conv and grouped is None
-                and fits_int4(w_int) and _is_int4(m.get(p.x_narrow))):
+        if (kernels.int4_tensor_cores and grouped is None and fits_int4(w_int)
+                and _is_int4(m.get(p.x_narrow))):
             # W4A4 on s4 tensor cores: both operands packed, the product in the MMA.
-            acc = _int4_mma_matmul(x, w_int, kernels)
+            acc = (_int4_mma_conv(anchor, x, zx, w_int, kernels) if is_conv
+                   else _int4_mma_matmul(x, w_int, kernels))
         if acc is None and packs and (fits_int4(w_int) or grouped is not None):
             # INT4 weights: stored two per byte, unpacked inside the kernel.
             acc = _int4_kernel(anchor, x, zx, x_dtype, w_int, kernels, grouped)
@@ -477,6 +480,44 @@ def _int4_mma_matmul(x: relax.Expr, w_int: np.ndarray, kernels: _Kernels) -> rel
     weight = relax.const(pack_int4_rows(np.ascontiguousarray(w_int.T)), "int8")
     acc = relax.call_tir(gv, [packed, weight], relax.TensorType([rows, cols], "int32"))
     return relax.op.reshape(acc, [*lead, cols]) if len(shape) != 2 else acc
+
+
+def _int4_mma_conv(conv: relax.Call, x: relax.Expr, zero: int, w_int: np.ndarray,
+                   kernels: _Kernels) -> relax.Expr | None:
+    """The int4 x int4 convolution on s4 tensor cores: each output pixel's receptive field
+    gathered into a row and packed at run time (``_int4.patch_rows``), the OIHW weight
+    flattened to rows of the same order and packed here, the product ``int4_matmul``
+    ([pixels, out channels]) transposed back to NCHW. None for grouped layers and shapes
+    off the tiles (pixels and output channels multiples of 8)."""
+    attrs = conv.attrs
+    if int(attrs.groups) != 1:
+        return None
+    shape = [int(d) for d in x.ty.shape]
+    out_channels = int(w_int.shape[0])
+    batch, _, oh, ow = (int(d) for d in conv.ty.shape)
+    rows = batch * oh * ow
+    window = int(np.prod(w_int.shape[1:]))
+    depth = -(-window // 32) * 32
+    if rows % 8 or out_channels % 8:
+        return None
+    x_te = te.placeholder(shape, "int8", name="x")
+    packed_x = pack_int4_te(patch_rows(
+        x_te, kernel=w_int.shape[2:], strides=[int(v) for v in attrs.strides],
+        padding=[int(v) for v in attrs.padding], dilation=[int(v) for v in attrs.dilation],
+        zero=zero, depth=depth))
+    pack = kernels.add("pack_int4_patches", te.create_prim_func(
+        [x_te, packed_x], index_dtype_override="int64"))
+    packed = relax.call_tir(pack, [x], relax.TensorType([rows, depth // 2], "int8"))
+    a_te = te.placeholder([rows, depth // 2], "int8", name="a_packed")
+    b_te = te.placeholder([out_channels, depth // 2], "int8", name="b_packed")
+    gv = kernels.add("int4_matmul", te.create_prim_func(
+        [a_te, b_te, int4_matmul(a_te, b_te)], index_dtype_override="int64"))
+    flat = np.zeros((out_channels, depth), "int8")
+    flat[:, :window] = w_int.reshape(out_channels, window)
+    weight = relax.const(pack_int4_rows(flat), "int8")
+    acc = relax.call_tir(gv, [packed, weight], relax.TensorType([rows, out_channels], "int32"))
+    pixels = relax.op.reshape(acc, [batch, oh, ow, out_channels])
+    return relax.op.permute_dims(pixels, [0, 3, 1, 2])
 
 
 def _quad_pointwise_int4(anchor: relax.Call, x: relax.Expr, q: np.ndarray, kernels: _Kernels):

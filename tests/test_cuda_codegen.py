@@ -1,4 +1,5 @@
-"""CUDA tensor-core kernels built without a GPU: fp16, int8 and int4 matmuls, fp16 conv.
+"""CUDA tensor-core kernels built without a GPU: fp16, int8 and int4 matmuls, fp16 and W4A4
+convs.
 
 The code-generation tests check the CUDA C that ``tvmq.compile`` produces for each
 sm_8x / sm_90 preset; the numeric tests run the artifacts and need a GPU (``-m gpu``
@@ -226,13 +227,11 @@ def test_int4_tensor_cores_only_for_w4a4_that_fits(target, bits, rows):
     assert not any(name.startswith("int4_matmul") for name in artifact.manifest["kernels"])
 
 
-def test_w4a4_realize_packs_what_the_tensor_cores_multiply():
-    # The int4 kernel cannot run on a CPU; what feeds it can: the weight constant is the
-    # layer's int4 weights transposed and packed by rows, and the activation pack kernel
-    # packs exactly as numpy does.
+def _realized_w4a4(mod, calibration):
+    """(W4A4 realized for s4 tensor cores, the layers' int4 weights as calibrated, the
+    realized main's call_tir calls)."""
     from tvmq.passes import AnnotateQuantization, Calibrate, RealizeQuantization
 
-    mod, calibration = _w4a4_model()
     qconfig = tvmq.QConfig(weight_bits=4, activation_bits=4)
     calibrated = Calibrate(calibration, report_batches=0)(AnnotateQuantization(qconfig)(mod))
     realized = RealizeQuantization(int4_tensor_cores=True)(calibrated)
@@ -242,6 +241,14 @@ def test_w4a4_realize_packs_what_the_tensor_cores_multiply():
                and isinstance(v.args[0], tvm.ir.expr.Constant)]
     calls = [v for v in relax.analysis.get_var2val(realized["main"]).values()
              if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir"]
+    return realized, weights, calls
+
+
+def test_w4a4_realize_packs_what_the_tensor_cores_multiply():
+    # The int4 kernel cannot run on a CPU; what feeds it can: the weight constant is the
+    # layer's int4 weights transposed and packed by rows, and the activation pack kernel
+    # packs exactly as numpy does.
+    realized, weights, calls = _realized_w4a4(*_w4a4_model())
     matmuls = [c for c in calls if c.args[0].name_hint.startswith("int4_matmul")]
     assert len(matmuls) == 2
     for call, w_int in zip(matmuls, weights, strict=True):
@@ -254,3 +261,87 @@ def test_w4a4_realize_packs_what_the_tensor_cores_multiply():
     out = tvm.runtime.tensor(np.zeros((16, 32), np.int8))
     lib["main"](tvm.runtime.tensor(values), out)
     np.testing.assert_array_equal(out.numpy(), pack_int4(values.reshape(16, 64)))
+
+
+def _w4a4_conv_model():
+    """[1, 8, 8, 8] -> conv 3x3 + ReLU -> conv 3x3 stride 2: both on the s4 path."""
+    rng = np.random.default_rng(4)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, 8), "float32"))
+    w1 = relax.const(rng.normal(0, 0.3, (16, 8, 3, 3)).astype("float32"))
+    w2 = relax.const(rng.normal(0, 0.3, (16, 16, 3, 3)).astype("float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w1, padding=(1, 1))))
+            out = bb.emit_output(relax.op.nn.conv2d(y, w2, strides=(2, 2), padding=(1, 1)))
+        bb.emit_func_output(out)
+    calibration = [{"x": rng.normal(size=(1, 8, 8, 8)).astype(np.float32)} for _ in range(4)]
+    return bb.get(), calibration
+
+
+@pytest.mark.parametrize("target", SM8X)
+def test_w4a4_convs_run_on_s4_tensor_cores(target):
+    mod, calibration = _w4a4_conv_model()
+    artifact = tvmq.compile(mod, target=target, quantize="int4", calibration_data=calibration,
+                            qconfig=tvmq.QConfig(activation_bits=4))
+    source = _cuda(artifact)
+    bodies = _kernel_bodies(source, "int4_matmul")
+    assert len(bodies) == 2  # both convolutions
+    assert all(S4_FRAGMENT in body and WMMA in body for body in bodies.values())
+    # Each layer's window gather and pack, fused with the quantize or requantize before it.
+    packs = [name for name in artifact.manifest["kernels"] if "pack_int4_patches" in name]
+    assert len(packs) == 2
+
+
+def test_w4a4_conv_weights_are_packed_rows_of_the_window():
+    _, weights, calls = _realized_w4a4(*_w4a4_conv_model())
+    matmuls = [c for c in calls if c.args[0].name_hint.startswith("int4_matmul")]
+    assert len(matmuls) == 2
+    for call, w_int in zip(matmuls, weights, strict=True):
+        rows = unpack_int4(call.args[1].fields[1].value.numpy())
+        window = w_int[0].size
+        assert rows.shape == (16, -(-window // 32) * 32)  # depth padded to whole MMA steps
+        np.testing.assert_array_equal(rows[:, :window], w_int.reshape(16, window))
+        assert not rows[:, window:].any()
+
+
+@pytest.mark.parametrize(("strides", "padding", "dilation"), [
+    ((1, 1), (1, 1, 1, 1), (1, 1)), ((2, 2), (1, 0, 1, 0), (1, 1)), ((1, 1), (2, 2, 2, 2), (2, 2))])
+def test_patch_rows_pack_matches_numpy(strides, padding, dilation):
+    # The run-time half of the s4 convolution, on the CPU: each output pixel's window, the
+    # zero point outside the image, 0 past the window, packed two per byte.
+    from tvm import te
+    from tvmq.passes._int4 import patch_rows
+
+    x = np.random.default_rng(5).integers(-8, 8, (2, 3, 7, 6)).astype(np.int8)
+    zero, depth = -3, 32
+    x_te = te.placeholder(x.shape, "int8", name="x")
+    packed = pack_int4_te(patch_rows(x_te, kernel=(3, 3), strides=strides, padding=padding,
+                                     dilation=dilation, zero=zero, depth=depth))
+    lib = tvm.compile(te.create_prim_func([x_te, packed]), target="llvm")
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in packed.shape], np.int8))
+    lib(tvm.runtime.tensor(x), out)
+    top, left, bottom, right = padding
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=zero)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = (padded.shape[2] - dh * 2 - 1) // sh + 1
+    ow = (padded.shape[3] - dw * 2 - 1) // sw + 1
+    want = np.zeros((2 * oh * ow, depth), np.int8)
+    for n, y, x_ in np.ndindex(2, oh, ow):
+        patch = padded[n, :, y * sh : y * sh + 2 * dh + 1 : dh, x_ * sw : x_ * sw + 2 * dw + 1 : dw]
+        want[(n * oh + y) * ow + x_, :27] = patch.reshape(-1)
+    np.testing.assert_array_equal(unpack_int4(out.numpy()), want)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_w4a4_conv_numbers(tmp_path):
+    # The s4 tensor-core convolutions compute the same integers as the CPU's W4A4 kernels.
+    mod, calibration = _w4a4_conv_model()
+    options = dict(quantize="int4", calibration_data=calibration,
+                   qconfig=tvmq.QConfig(activation_bits=4))
+    x = calibration[0]["x"]
+    got = _run(tvmq.compile(mod, target="cuda-sm80", **options), tmp_path, x=x)
+    (tmp_path / "cpu").mkdir()
+    want = _run(tvmq.compile(mod, target="x86", **options), tmp_path / "cpu", x=x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
