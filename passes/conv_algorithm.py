@@ -83,13 +83,17 @@ def predict(conv: Conv2D, weight_block: int | None = None,
       schedules/cpu_conv.py ``PointwiseQuadConv``). Padded to whole vectors (14x14, 7x7)
       it measured 0.89-1.24x of direct (11 shapes), so those stay direct;
 
-    - 1x1 stride-1 layers whose image splits into whole vectors of pixels, on CPUs (on
-      AVX-512: 28, 56 and 112 wide, not 14 or 7): GEMM, the pointwise kernel, unless the
-      layer reduces at least 256 input channels to fewer, which the blocked direct kernel
-      runs faster. Measured here (AVX-512, 2 threads; GEMM / direct, ms): 96->24 at 56x56
-      0.041 / 0.34 (24 channels do not block), 64->256 0.32 / 0.44, 64->64 0.075 / 0.105,
-      16->96 at 112x112 0.19 / 0.37, 128->512 at 28x28 0.29 / 0.35, 192->32 0.028 / 0.038;
-      but 256->64 at 56x56 0.79 / 0.50, 256->128 1.62 / 0.81, 512->128 at 28x28 0.59 / 0.36;
+    - unpadded 1x1 layers whose output splits into whole vectors of pixels, on CPUs (on
+      AVX-512: 28, 56 and 112 wide, not 14 or 7): GEMM, the pointwise kernel (strided: over
+      the subsampled input), unless the layer reduces at least 256 input channels to 64 or
+      fewer, which the blocked direct kernel runs faster. Measured here (AVX-512, 2
+      threads; GEMM / direct, ms): 96->24 at 56x56 0.041 / 0.34 (24 channels do not
+      block), 64->256 0.32 / 0.44, 64->64 0.075 / 0.105, 16->96 at 112x112 0.19 / 0.37,
+      128->512 at 28x28 0.29 / 0.35, 192->32 0.028 / 0.038, 256->128 at 56x56 0.95 / 1.27,
+      512->128 at 28x28 0.46 / 0.51, 512->256 0.93 / 1.01, 256->512 stride 2 at 56x56 1.00
+      / 1.06; but 256->64 at 56x56 0.57 / 0.54. ResNet-50 end to end with those (its
+      1x1 reductions to 128 and 256 and its stride-2 1x1 at 56) on GEMM: 39.8 ms against
+      40.7 direct (least of 5 alternated rounds; ONNX Runtime FP32 39.5);
     - where the blocked direct kernel applies (CPU, ungrouped float32, output channels in
       blocks): direct. Measured with 2 threads on AVX2 it ran ResNet-50's 3x3 layers at
       ~140 GFLOP/s and its 1x1 layers at 60-85, where GEMM's kernels reached 11-40;
@@ -121,12 +125,11 @@ def predict(conv: Conv2D, weight_block: int | None = None,
             *conv.output_hw, weight_block // 2) is not None
         options = candidates(conv, weight_block, int_dot)
         return ConvAlgorithm.GEMM if whole and ConvAlgorithm.GEMM in options else options[0]
-    pointwise = conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
     out_channels, in_channels = conv.weight.shape[:2]
     if (
-        pointwise
+        conv.kernel == (1, 1) and not any(conv.padding)
         and conv_to_gemm.pointwise_rows(conv, weight_block) is not None
-        and (in_channels < 256 or in_channels <= out_channels
+        and (in_channels < 256 or out_channels > 64
              or not conv_blocked.eligible(conv, weight_block))
     ):
         return ConvAlgorithm.GEMM

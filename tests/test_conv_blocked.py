@@ -400,3 +400,25 @@ def test_window_pooling_matches_numpy(op, shape, pool, strides, padding):
     # TVM's average excludes the padding by default (count_include_pad=False).
     want = windows.max(0) if op == "max" else np.nanmean(windows, 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_float_1x1_layers_predict_the_pointwise_kernel():
+    # On AVX-512 (weight blocks of 32): 1x1 layers whose output rows make whole vectors take
+    # the pointwise GEMM, strided ones over the subsampled input, except reductions of 256+
+    # channels to 64 or fewer; 14x14 outputs do not make vectors.
+    from tvmq.passes._conv import Conv2D
+    from tvmq.passes.conv_algorithm import ConvAlgorithm, predict
+
+    def conv(c, o, size, stride=1):
+        data = relax.Var("x", relax.TensorType((1, c, size, size), "float32"))
+        return Conv2D(data=data, weight=np.zeros((o, c, 1, 1), np.float32),
+                      strides=(stride, stride), padding=(0, 0, 0, 0), dilation=(1, 1),
+                      groups=1, out_dtype="float32", data_shape=(1, c, size, size))
+
+    assert predict(conv(64, 256, 56), 32) == ConvAlgorithm.GEMM
+    assert predict(conv(256, 128, 56), 32) == ConvAlgorithm.GEMM
+    assert predict(conv(512, 128, 28), 32) == ConvAlgorithm.GEMM
+    assert predict(conv(256, 512, 56, stride=2), 32) == ConvAlgorithm.GEMM   # 28 wide out
+    assert predict(conv(256, 64, 56), 32) == ConvAlgorithm.DIRECT
+    assert predict(conv(1024, 256, 14), 32) == ConvAlgorithm.DIRECT
+    assert predict(conv(512, 1024, 28, stride=2), 32) == ConvAlgorithm.DIRECT  # 14 wide out
