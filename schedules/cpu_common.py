@@ -120,15 +120,17 @@ def annotated_block(sch: s_tir.Schedule, blocks: list, attr: str, value: str) ->
     return None
 
 
-def inline_epilogue_inputs(sch: s_tir.Schedule, earlier: list, main) -> list:
+def inline_epilogue_inputs(sch: s_tir.Schedule, earlier: list, main,
+                           keep: tuple[str, ...] = ()) -> list:
     """Inline the blocks before ``main`` that only the epilogue reads (a quantized residual's
     dequantize, say): the epilogue moves under the kernel's tile loop, which its producers
-    must then be computable from. Returns the blocks left (the kernel's own prologue)."""
+    must then be computable from. Returns the blocks left (the kernel's own prologue);
+    blocks named in ``keep`` stay in it."""
     reads = [region.source for region in sch.get(main).reads]
     kept = []
     for block in earlier:
         written = sch.get(block).writes[0].source
-        if any(written.same_as(read) for read in reads):
+        if any(written.same_as(read) for read in reads) or sch.get(block).name_hint in keep:
             kept.append(block)
             continue
         try:
@@ -150,14 +152,15 @@ def find_kernel(func, name: str):
 
 
 def accumulate_locally(sch: s_tir.Schedule, blocks: list, index: int, *,
-                       keep_writeback: bool = False):
+                       keep_writeback: bool = False, keep: tuple[str, ...] = ()):
     """Give the kernel ``blocks[index]`` a local accumulator and fold the elementwise
     epilogue into one block that reads it. Returns (prologue blocks, epilogue block).
 
     ``keep_writeback``: the accumulator's copy out stays a block of its own, and the
-    epilogue folds into the last block only; returns (prologue, copy-out, epilogue)."""
+    epilogue folds into the last block only; returns (prologue, copy-out, epilogue).
+    ``keep``: prologue blocks (by name) not to inline."""
     main = blocks[index]
-    prologue = inline_epilogue_inputs(sch, blocks[:index], main)
+    prologue = inline_epilogue_inputs(sch, blocks[:index], main, keep)
     writeback = sch.cache_write(main, 0, "local")
     epilogue = [*([] if keep_writeback else [writeback]), *blocks[index + 1 :]]
     for later in epilogue[:-1]:

@@ -29,6 +29,7 @@ from .kernel_layouts import (
     CONV_DEPTHWISE,
     CONV_POINTWISE,
     CONV_POINTWISE_QUADS,
+    DEPTHWISE_PAD,
     pointwise_image_rows,
     pointwise_vectors,
     quad_tile_pixels,
@@ -220,7 +221,7 @@ class DepthwiseConv(CPUScheduleRule):
             return None
         wide = extents[0] * extents[1]
         vectors = max(v for v in range(1, DEPTHWISE_VECTORS + 1) if wide // lanes % v == 0)
-        prologue, epilogue = accumulate_locally(sch, blocks, index)
+        prologue, epilogue = accumulate_locally(sch, blocks, index, keep=(DEPTHWISE_PAD,))
         p_outer, p_vectors, p_lanes = sch.split(sch.fuse(y, x), factors=[None, vectors, lanes])
         sch.reorder(n, c, p_outer, ry, rx, p_vectors, p_lanes)
         channel = sch.fuse(n, c)
@@ -231,26 +232,40 @@ class DepthwiseConv(CPUScheduleRule):
         sch.decompose_reduction(main, ry)
         sch.reverse_compute_at(epilogue, channel)
         schedule_tile_epilogue(sch, epilogue, lanes)
-        # The kernel's input plane (the prologue block it reads) is copied per channel, in
-        # rows as wide as the flattened output's (``extents[1]``).
+        # The kernel's input planes (the prologue block it reads) are copied in rows as wide
+        # as the flattened output's (``extents[1]``).
         reads = [region.source for region in sch.get(main).reads]
+        pad = next((b for b in prologue if sch.get(b).name_hint == DEPTHWISE_PAD), None)
         for earlier in prologue:
             written = sch.get(earlier).writes[0].source
+            if earlier == pad:
+                # A strided layer's padded input: whole rows, all channels in parallel.
+                schedule_injective(sch, earlier, lanes)
+                continue
             if not any(written.same_as(read) for read in reads):
                 schedule_injective(sch, earlier, lanes)
                 continue
-            if written.dtype.bits == 8:
-                # Byte planes are copied up front, all channels in parallel, in whole rows:
-                # per channel, the rows the kernel reads end short of a whole row (the
-                # last tap's reach), and that predicate kept the vectorized byte copy
-                # scalar, with a branch per byte. uint8 96x112x112 stride 2: 0.34 ms
-                # against 0.56; 144x56x56 stride 2 0.11 against 0.27; stride 1 the same.
-                # (Float planes stay per channel, in cache: 0.26 ms against 0.30.)
+            if written.dtype.bits == 8 or pad is not None:
+                # Byte planes, and a strided layer's phases, are copied up front, all
+                # channels in parallel, in whole rows: per channel, the rows the kernel
+                # reads end short of a whole row (the last tap's reach), and that predicate
+                # kept the copy scalar, with a branch per value. uint8 96x112x112 stride 2:
+                # 0.34 ms against 0.56; 144x56x56 stride 2 0.11 against 0.27. A strided
+                # phase copy runs the phase columns innermost, unrolled, which LLVM turns
+                # into vector loads and shuffles (float 96x112x112 stride 2 0.25-0.30 ms,
+                # 144x56x56 0.10, 192x28x28 0.032; per channel in cache, each phase row a
+                # strided vector read, it was 0.43-0.59, 0.25, 0.086).
                 n_loop, c_loop, *_, q = sch.get_loops(earlier)
                 _, j = sch.split(q, factors=[None, extents[1]])
-                sch.vectorize(j)
+                if pad is not None:
+                    py, px, i, j = sch.get_loops(earlier)[-4:]
+                    sch.reorder(py, i, j, px)
+                    sch.unroll(px)
+                else:
+                    sch.vectorize(j)
                 sch.parallel(sch.fuse(n_loop, c_loop))
                 continue
+            # Float planes at stride 1 stay per channel, in cache (0.26 ms against 0.30).
             sch.compute_at(earlier, channel)
             q = sch.get_loops(earlier)[-1]
             _, j = sch.split(q, factors=[None, extents[1]])

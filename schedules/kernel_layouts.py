@@ -15,6 +15,9 @@ CONV_DEPTHWISE = "conv2d_depthwise"
 CONV_POINTWISE = "conv2d_pointwise"
 CONV_POINTWISE_QUADS = "conv2d_pointwise_quads"
 MATMUL_BLOCKED = "matmul_blocked"
+# The padded input a strided depthwise kernel copies its stride phases from (a block of its
+# own, not inlined into the phase copy).
+DEPTHWISE_PAD = "depthwise_pad"
 
 
 def pointwise_vectors(pixels: int, lanes: int) -> int:
