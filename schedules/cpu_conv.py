@@ -78,6 +78,15 @@ class BlockedConv(CPUScheduleRule):
         for loop in (y_inner, x_inner, vectors):
             sch.unroll(loop)
         int8_dot.finish_tile(sch, main, reduction[0], vector, tile, epilogue, intrinsic)
+        # The epilogue on the tile: unrolled, each image row's run of the tile (contiguous
+        # in NCHW) one vector. As serial loops it took half the time of layers with short
+        # reductions (MobileNetV2's 3->32 stem at 224x224, + bias + ReLU: 0.41 ms against
+        # 0.20; ResNet-50's layers the same either way).
+        *outer, columns = sch.get_loops(epilogue)[1:]
+        for loop in outer:
+            sch.unroll(loop)
+        if (loop_extent(sch, columns) or 1) > 1:
+            sch.vectorize(columns)
         for earlier in prologue:
             schedule_injective(sch, earlier, lanes)
         return sch
