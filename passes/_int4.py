@@ -57,6 +57,24 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).astype("uint8")
 
 
+def pack_int4_runs(values: np.ndarray, run: int) -> np.ndarray:
+    """int4 values -> uint8 in runs of ``run`` (``kernel_layouts.int4_run``): byte t of a
+    run holds its value t in the low nibble and value t + run / 2 in the high one, so a
+    kernel unpacks half a run of bytes into two contiguous vectors of weights."""
+    flat = np.asarray(values, dtype="int64").reshape(-1, run)
+    assert flat.min() >= INT4_MIN and flat.max() <= INT4_MAX, "not int4"
+    nibbles = (flat & 0xF).astype("uint8")
+    half = run // 2
+    return (nibbles[:, :half] | (nibbles[:, half:] << 4)).astype("uint8").reshape(-1)
+
+
+def unpack_int4_runs(packed: np.ndarray, shape, run: int) -> np.ndarray:
+    """The numpy reference of the kernel's unpack of :func:`pack_int4_runs`."""
+    pairs = np.asarray(packed, dtype="uint8").reshape(-1, run // 2)
+    nibbles = np.concatenate([pairs & 0xF, pairs >> 4], axis=1).astype("int8")
+    return ((nibbles ^ 8) - 8).astype("int8").reshape(shape)
+
+
 def unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
     """The numpy reference of the kernel's unpack: uint8 pairs -> int8 of ``shape``."""
     count = int(np.prod(shape))
@@ -165,23 +183,31 @@ def factor_groups(
 
 
 def unpacked(packed: te.Tensor, shape, mult: te.Tensor | None = None, origin=None,
-              group_size: int = 0) -> te.Tensor:
+              group_size: int = 0, run: int | None = None) -> te.Tensor:
     """The TE view of the packed weight as int8 values of ``shape`` (sign-extended), times
     the group multiplier ``mult[channel, inner // group_size]`` when given, where
-    ``origin(index)`` is the (output channel, input index) an element of ``shape`` holds."""
+    ``origin(index)`` is the (output channel, input index) an element of ``shape`` holds.
+    ``run``: packed in runs (:func:`pack_int4_runs`), else in flat pairs (:func:`pack_int4`)."""
 
     def value(*index):
         flat = index[0]
         for axis, i in zip(shape[1:], index[1:], strict=True):
             flat = flat * int(axis) + i
-        byte = packed[flat // 2].astype("int32")
-        nibble = (byte >> ((flat % 2) * 4)) & 15
+        if run is None:
+            byte, high = packed[flat // 2].astype("int32"), flat % 2
+        else:
+            half, within = run // 2, flat % run
+            byte = packed[flat // run * half + within % half].astype("int32")
+            high = within // half
+        nibble = (byte >> (high * 4)) & 15
         q = (nibble ^ 8) - 8
         if mult is None:
             return q.astype("int8")
         channel, inner = origin(index)
-        # Channels padded to whole groups hold zeros; their group index only stays in range.
+        # Padding (inputs to whole groups, columns to whole blocks) holds zeros; its
+        # multiplier index only stays in range.
         group = te.min(inner // group_size, int(mult.shape[1]) - 1)
+        channel = te.min(channel, int(mult.shape[0]) - 1)
         return (q * mult[channel, group].astype("int32")).astype("int8")
 
     return te.compute([int(d) for d in shape], value, name="unpack_int4")

@@ -45,19 +45,27 @@ def grouped_weight(blocked: np.ndarray, group: int) -> np.ndarray:
         blocked.reshape(blocks, depth // group, group, size).transpose(0, 1, 3, 2))
 
 
-def kernel_weight(value: np.ndarray, block: int, form: IntDot) -> np.ndarray | None:
+def kernel_weight(value: np.ndarray, block: int, form: IntDot,
+                  pad: bool = False) -> np.ndarray | None:
     """A [K, N] weight as the blocked kernel reads it: blocked by output column and in the
-    widest grouped form, at most ``form``, that divides K; None if no block divides N."""
+    widest grouped form, at most ``form``, that divides K; None if no block divides N,
+    unless ``pad``: then N is padded with zero columns to whole blocks where that adds at
+    most an eighth (a 1000-class classifier: 1024), which the kernel computes and drops
+    (``matmul_blocked``'s ``columns``)."""
     size = column_block(value.shape[1], block)
     if size is None:
-        return None
+        extra = -value.shape[1] % block
+        if not pad or 8 * extra > value.shape[1]:
+            return None
+        size, value = block, np.pad(value, ((0, 0), (0, extra)))
     blocked = blocked_weight(value, size)
     group = form.dividing(value.shape[0]).group
     return grouped_weight(blocked, group) if group > 1 else blocked
 
 
-def matmul_blocked(data, weight, out_dtype: str):
-    """out[..., m, n] = sum_k data[..., m, k] * weight[n // B, k, n % B].
+def matmul_blocked(data, weight, out_dtype: str, columns: int | None = None):
+    """out[..., m, n] = sum_k data[..., m, k] * weight[n // B, k, n % B], for the first
+    ``columns`` columns when given (a weight padded to whole blocks).
 
     A 4-d weight ([N/B, K/g, B, g], int8) selects the grouped form: g = 2, the int16 pair
     form (activations first widened to int16, so each (k, k + 1) pair is one 32-bit
@@ -91,8 +99,11 @@ def matmul_blocked(data, weight, out_dtype: str):
                 axis=k,
             )
 
-    return te.compute((*batch, rows, blocks * block), compute, name=KERNEL_NAME,
-                      attrs={KERNEL_ATTR: KERNEL_NAME})
+    out = te.compute((*batch, rows, blocks * block), compute, name=KERNEL_NAME,
+                     attrs={KERNEL_ATTR: KERNEL_NAME})
+    if columns is None or columns == blocks * block:
+        return out
+    return te.compute((*batch, rows, columns), lambda *i: out(*i), name="crop_columns")
 
 
 @tvm.transform.module_pass(opt_level=0, name="BlockMatmulWeights")

@@ -22,6 +22,7 @@ from .cpu_common import (
     loop_extent,
     num_vector_registers,
     schedule_injective,
+    schedule_prologue,
     schedule_tile_epilogue,
 )
 from .kernel_layouts import (
@@ -88,7 +89,7 @@ class BlockedConv(CPUScheduleRule):
         if (loop_extent(sch, columns) or 1) > 1:
             sch.vectorize(columns)
         for earlier in prologue:
-            schedule_injective(sch, earlier, lanes)
+            schedule_prologue(sch, earlier, lanes)
         return sch
 
 
@@ -136,7 +137,7 @@ class PointwiseConv(CPUScheduleRule):
             sch.fuse(*sch.get_loops(epilogue)[-2:])
         schedule_tile_epilogue(sch, epilogue, lanes)
         for earlier in prologue:
-            schedule_injective(sch, earlier, lanes)
+            schedule_prologue(sch, earlier, lanes)
         return sch
 
 
@@ -204,7 +205,7 @@ class PointwiseQuadConv(CPUScheduleRule):
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(p_lanes, int8_dot.register_pixel_quads())
         for earlier in prologue:
-            schedule_injective(sch, earlier, lanes)
+            schedule_prologue(sch, earlier, lanes)
         return sch
 
 

@@ -19,7 +19,7 @@ from .cpu_common import (
     float32_lanes,
     loop_extent,
     num_vector_registers,
-    schedule_injective,
+    schedule_prologue,
     schedule_tile_epilogue,
 )
 from .cpu_conv import choose_tile
@@ -65,7 +65,7 @@ class BlockedMatmul(CPUScheduleRule):
         int8_dot.finish_tile(sch, main, k, vector, tile, epilogue, intrinsic)
         schedule_tile_epilogue(sch, epilogue, lanes)
         for earlier in prologue:
-            schedule_injective(sch, earlier, lanes)
+            schedule_prologue(sch, earlier, lanes)
         return sch
 
 

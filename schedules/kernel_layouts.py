@@ -15,6 +15,12 @@ CONV_DEPTHWISE = "conv2d_depthwise"
 CONV_POINTWISE = "conv2d_pointwise"
 CONV_POINTWISE_QUADS = "conv2d_pointwise_quads"
 MATMUL_BLOCKED = "matmul_blocked"
+# The stage that widens packed int4 weights inside a kernel (passes/_int4.py), and the most
+# weights one run of its packing holds: a run's first half in the low nibbles of its bytes,
+# the second half in the high ones, so a vector of bytes unpacks into two vectors.
+UNPACK_INT4 = "unpack_int4"
+INT4_RUN = 128
+
 # The padded input a strided depthwise kernel copies its stride phases from (a block of its
 # own, not inlined into the phase copy).
 DEPTHWISE_PAD = "depthwise_pad"
@@ -44,3 +50,14 @@ def quad_tile_pixels(height: int, width: int, lanes: int) -> int:
 def whole_vectors(pixels: int, lanes: int) -> int:
     """``pixels`` rounded up to whole vectors: the quad kernel's flattened image."""
     return -(-pixels // lanes) * lanes
+
+
+def int4_run(shape) -> int | None:
+    """Weights per packing run of an int4 weight of ``shape`` laid out for a blocked kernel:
+    its trailing dimensions, as many as fit in ``INT4_RUN``; None if that is odd."""
+    run = 1
+    for extent in reversed([int(d) for d in shape]):
+        if run * extent > INT4_RUN:
+            break
+        run *= extent
+    return run if run % 2 == 0 else None

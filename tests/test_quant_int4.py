@@ -274,8 +274,9 @@ def test_int4_pointwise_as_quad_kernel_bit_exact(group):
 
 @pytest.mark.parametrize("target", BLOCKED_TARGETS)
 @pytest.mark.parametrize("group", [0, 8])
-def test_int4_matmul_as_blocked_kernel_bit_exact(target, group):
-    w = RNG.normal(0, 0.3, (24, 32)).astype(np.float32)
+@pytest.mark.parametrize("columns", [32, 60])  # 60: padded to 64 (a 1000-class layer's case)
+def test_int4_matmul_as_blocked_kernel_bit_exact(target, group, columns):
+    w = RNG.normal(0, 0.3, (24, columns)).astype(np.float32)
     if group:
         w_int, ws = quantize_weight_grouped(w, axis=1, bits=4, group_size=group)
     else:
