@@ -64,12 +64,13 @@ def conv2d_depthwise(data, weight, strides, padding, dilation, out_dtype: str, l
     on each channel's image flattened, so that every tap of the window is one contiguous
     run of input for a contiguous run of outputs, whatever the width, stride or dilation.
 
-    The padded input is split by stride phase: ``plane[n, c, py, px, i * wq + j]`` holds
-    padded row ``i * sh + py``, column ``j * sw + px``. Output (y, x) sits at
-    ``p = y * wq + x`` of a row-major image ``wq`` columns wide, and tap (ky, kx) reads
-    ``plane[.., (ky*dh) % sh, (kx*dw) % sw, p + (ky*dh // sh) * wq + kx*dw // sw]``: a
-    vector of outputs takes one vector load and one multiply-add per tap. The columns past
-    the image (and rows, to make the image whole vectors) are computed and dropped.
+    The padded input is split by stride phase: ``plane[n, c, py, px, i, j]`` (rows ``wq``
+    wide) holds padded row ``i * sh + py``, column ``j * sw + px``. Output (y, x) sits at
+    ``p = y * wq + x`` of a row-major image ``wq`` columns wide, and tap (ky, kx) reads the
+    plane's flat element ``p + (ky*dh // sh) * wq + kx*dw // sw`` of phase
+    ``((ky*dh) % sh, (kx*dw) % sw)`` (past a row's end, the next row's start): a vector of
+    outputs takes one vector load and one multiply-add per tap. The columns past the image
+    (and rows, to make the image whole vectors) are computed and dropped.
 
     Strided layers pad the image first and copy the phases from it unchecked (see
     ``schedules/cpu_conv.py``: MobileNetV2's stride-2 layers 2-2.7x faster than with the
@@ -96,8 +97,8 @@ def conv2d_depthwise(data, weight, strides, padding, dilation, out_dtype: str, l
         return tvm.tirx.if_then_else(inside, data[n, c, y - top, x - left], zero)
 
     if (sh, sw) == (1, 1):
-        def plane_value(n, c, py, px, q):
-            return padded_value(n, c, q // wq, q % wq)
+        def plane_value(n, c, py, px, i, j):
+            return padded_value(n, c, i, j)
     else:
         # Strided: the padded image first (contiguous rows, vectorized), then each phase
         # read from it without a bound check: a check on every strided read kept the copy
@@ -107,18 +108,24 @@ def conv2d_depthwise(data, weight, strides, padding, dilation, out_dtype: str, l
         padded = te.compute((batch, channels, rows * sh, columns), padded_value,
                             name=DEPTHWISE_PAD)
 
-        def plane_value(n, c, py, px, q):
-            return padded[n, c, q // wq * sh + py, q % wq * sw + px]
+        def plane_value(n, c, py, px, i, j):
+            return padded[n, c, i * sh + py, j * sw + px]
 
-    plane = te.compute((batch, channels, sh, sw, rows * wq), plane_value, name="data_plane")
+    # Rows of ``wq`` (the output's flattened width): a tap past a row's end reads the next
+    # row's start, so the kernel reads whole rows (no partial last row to copy).
+    plane = te.compute((batch, channels, sh, sw, rows, wq), plane_value, name="data_plane")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
+
+    def tap(n, c, y, x, ry, rx):
+        column = x + rx * dw // sw
+        return plane[n, c, ry * dh % sh, rx * dw % sw, y + ry * dh // sh + column // wq,
+                     column % wq]
+
     out = te.compute(
         (batch, channels, tall, wq),
         lambda n, c, y, x: te.sum(
-            plane[n, c, ry * dh % sh, rx * dw % sw,
-                  (y + ry * dh // sh) * wq + x + rx * dw // sw].astype(out_dtype)
-            * weight[c, 0, ry, rx].astype(out_dtype),
+            tap(n, c, y, x, ry, rx).astype(out_dtype) * weight[c, 0, ry, rx].astype(out_dtype),
             axis=[ry, rx],
         ),
         name=DEPTHWISE_NAME,

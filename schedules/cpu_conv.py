@@ -249,37 +249,29 @@ class DepthwiseConv(CPUScheduleRule):
         for earlier in prologue:
             written = sch.get(earlier).writes[0].source
             if earlier == pad:
-                # A strided layer's padded input: whole rows, all channels in parallel.
-                schedule_injective(sch, earlier, lanes)
-                continue
+                continue  # computed with its phase planes, below
             if not any(written.same_as(read) for read in reads):
                 schedule_injective(sch, earlier, lanes)
                 continue
-            if written.dtype.bits == 8 or pad is not None:
-                # Byte planes, and a strided layer's phases, are copied up front, all
-                # channels in parallel, in whole rows: per channel, the rows the kernel
-                # reads end short of a whole row (the last tap's reach), and that predicate
-                # kept the copy scalar, with a branch per value. uint8 96x112x112 stride 2:
-                # 0.34 ms against 0.56; 144x56x56 stride 2 0.11 against 0.27. A strided
-                # phase copy runs the phase columns innermost, unrolled, which LLVM turns
-                # into vector loads and shuffles (float 96x112x112 stride 2 0.25-0.30 ms,
-                # 144x56x56 0.10, 192x28x28 0.032; per channel in cache, each phase row a
-                # strided vector read, it was 0.43-0.59, 0.25, 0.086).
-                n_loop, c_loop, *_, q = sch.get_loops(earlier)
-                _, j = sch.split(q, factors=[None, extents[1]])
-                if pad is not None:
-                    py, px, i, j = sch.get_loops(earlier)[-4:]
-                    sch.reorder(py, i, j, px)
-                    sch.unroll(px)
-                else:
-                    sch.vectorize(j)
-                sch.parallel(sch.fuse(n_loop, c_loop))
-                continue
-            # Float planes at stride 1 stay per channel, in cache (0.26 ms against 0.30).
+            # The planes are copied per channel, in cache, in whole rows of the flattened
+            # output's width (the kernel reads whole rows: no partial last row, whose
+            # predicate kept the copy scalar with a branch per value). A strided layer
+            # copies its phases from the padded image (itself per channel, whole vectors)
+            # with the phase columns innermost, unrolled, which LLVM turns into vector loads
+            # and shuffles. Lone, ms, against the copies before (all channels up front, or
+            # per channel with a bound check or a partial row): float 96x112x112 stride 2
+            # 0.25 / 0.43-0.59, 144x56x56 0.065 / 0.25, 192x28x28 0.027 / 0.086; uint8
+            # 96x112x112 0.11-0.12 / 0.30-0.36, 144x56x56 0.034 / 0.118.
             sch.compute_at(earlier, channel)
-            q = sch.get_loops(earlier)[-1]
-            _, j = sch.split(q, factors=[None, extents[1]])
-            sch.vectorize(j)
+            if pad is None:
+                sch.vectorize(sch.get_loops(earlier)[-1])
+                continue
+            py, px, i, j = sch.get_loops(earlier)[-4:]
+            sch.reorder(py, i, j, px)
+            sch.unroll(px)
+            sch.compute_at(pad, channel)
+            width = lanes * 32 // written.dtype.bits
+            sch.vectorize(sch.split(sch.get_loops(pad)[-1], factors=[None, width])[1])
         return sch
 
 

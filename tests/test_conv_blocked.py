@@ -425,26 +425,28 @@ def test_float_1x1_layers_predict_the_pointwise_kernel():
 
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_strided_depthwise_pads_before_its_phase_copy(strides):
-    # Strided: the padded image is a block of its own, and the phases are copied from it
-    # for all channels up front, in parallel, with no bound check; stride 1 copies its
-    # plane per channel, checked, in the channel loop.
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_depthwise_copies_whole_plane_rows_per_channel(strides, dtype):
+    # Per channel, under the parallel channel loop: the planes in whole rows (no predicate
+    # on the copy); a strided layer's padded image is a block of its own, its phases read
+    # from it with no bound check.
     from tvm import te
     from tvmq.passes.conv_blocked import conv2d_depthwise
     from tvmq.schedules.cpu_conv import DepthwiseConv
     from tvmq.schedules.kernel_layouts import DEPTHWISE_PAD
 
-    data = te.placeholder((1, 8, 32, 32), "float32", name="data")
-    weight = te.placeholder((8, 1, 3, 3), "float32", name="weight")
-    out = conv2d_depthwise(data, weight, strides, (1, 1, 1, 1), (1, 1), "float32", 16)
+    data = te.placeholder((1, 8, 32, 32), dtype, name="data")
+    weight = te.placeholder((8, 1, 3, 3), "int8" if dtype == "uint8" else dtype, name="w")
+    out = conv2d_depthwise(data, weight, strides, (1, 1, 1, 1), (1, 1),
+                           "int32" if dtype == "uint8" else dtype, 16)
     target = tvmq.targets.resolve("x86-avx512").tvm_target()
     sch = DepthwiseConv().apply(te.create_prim_func([data, weight, out]), target, False)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    plane = sch.get(sch.get_loops(sch.get_sblock("data_plane"))[0])
+    plane_loops = sch.get_loops(sch.get_sblock("data_plane"))
     channel = sch.get(sch.get_loops(sch.get_sblock("conv2d_depthwise_update"))[0])
-    assert plane.kind == tvm.tirx.ForKind.PARALLEL
-    if strides == (1, 1):
-        assert DEPTHWISE_PAD not in names and plane.same_as(channel)
-    else:
-        assert DEPTHWISE_PAD in names and not plane.same_as(channel)
+    assert sch.get(plane_loops[0]).same_as(channel)
+    assert channel.kind == tvm.tirx.ForKind.PARALLEL
+    assert "T.where" not in str(sch.get(plane_loops[1]))
+    assert (DEPTHWISE_PAD in names) == (strides != (1, 1))
+    if strides != (1, 1):
         assert "if_then_else" not in str(sch.get(sch.get_sblock("data_plane")).body)
