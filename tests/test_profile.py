@@ -178,3 +178,17 @@ def test_kernel_algorithm_from_its_name(name, algorithm):
 
     func = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0))
     assert _algorithm(name, func) == algorithm
+
+
+def test_cold_profile_flushes_before_each_kernel(digits_profile, digits_artifact, tmp_path):
+    tvmq_cli("profile", digits_artifact, "--repeat", "3", "--cold", "--format", "json",
+             "-o", str(tmp_path / "cold.json"))
+    data = json.loads((tmp_path / "cold.json").read_text())
+    assert data["cold"] is True and digits_profile.cold is False
+    names = {r["name"] for r in data["rows"]}
+    assert names == {r.name for r in digits_profile.rows}
+    # Every call waits for its weights and inputs from memory: the sum cannot come in
+    # under the warm one (on the digits model it is several times it).
+    assert data["kernels_ms"] > digits_profile.kernels_ms
+    table = tvmq.profiler.profile(digits_artifact, repeat=3, cold=True).to_table()
+    assert "kernels timed cold" in table.splitlines()[0]

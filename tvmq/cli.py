@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     feed.add_argument("--inputs", help="an .npz with one array per input")
     feed.add_argument("--fill-mode", choices=["zeros", "ones", "random"], default="random")
     f.add_argument("--repeat", type=_positive, default=20)
+    f.add_argument("--cold", action="store_true",
+                   help="time each kernel after flushing the caches (as if its data came "
+                        "from memory; the default times them warm)")
     f.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     f.add_argument("-o", "--output", help="write the report to this file")
     f.add_argument("--baseline", action="append", default=[], metavar="OTHER.tar",
@@ -299,14 +302,15 @@ def _profile(args) -> int:
 
     model = load(args.artifact)
     inputs = _inputs(args, model)
-    result = profile(model, inputs=inputs, repeat=args.repeat)
+    result = profile(model, inputs=inputs, repeat=args.repeat, cold=args.cold)
     result = dataclasses.replace(result, artifact=args.artifact,
                                  size_bytes=os.path.getsize(args.artifact))
     baselines, others = [], []
     for path in args.baseline:
         other = load(path)
         others.append(other)
-        baseline = profile(other, inputs=_inputs(args, other), repeat=args.repeat)
+        baseline = profile(other, inputs=_inputs(args, other), repeat=args.repeat,
+                           cold=args.cold)
         baselines.append(
             dataclasses.replace(baseline, artifact=path, size_bytes=os.path.getsize(path))
         )

@@ -62,6 +62,7 @@ class Profile:
     kernels_ms: float
     peak_gops: dict[str, float] = field(default_factory=dict)
     size_bytes: int = 0
+    cold: bool = False  # each kernel timed after the caches were flushed (profile(cold=))
 
     @property
     def difference(self) -> float:
@@ -89,7 +90,9 @@ class Profile:
 
     def to_table(self) -> str:
         lines = [
-            f"profile of {self.artifact} (target {self.target})",
+            f"profile of {self.artifact} (target {self.target})"
+            + (f"; kernels timed cold, after {COLD_FLUSH_BYTES >> 20} MB written to flush "
+               "the caches" if self.cold else ""),
             f"{'kernel':<40} {'calls':>5} {'ms':>9} {'share':>6} {'GOP/s':>8} {'peak':>6} "
             f"{'prec':>5} {'algo':>9} {'sched':>7}  nodes",
         ]
@@ -100,11 +103,13 @@ class Profile:
                 f"{r.throughput_gops:>8.2f} {r.peak_fraction * 100:>5.1f}% {r.precision:>5} "
                 f"{r.algorithm:>9} {r.schedule:>7}  {nodes}"
             )
+        why = ("each kernel met emptier caches than in sequence" if self.cold else
+               "the rest is the VM's own work, allocation, shape checks and dispatch, and "
+               "the cache misses a kernel meets in sequence but not timed alone (--cold "
+               "times them after a flush)")
         lines.append(
             f"sum of kernels {self.kernels_ms:.4f} ms, end to end {self.end_to_end_ms:.4f} ms "
-            f"(kernels {self.difference * 100:+.1f}%; the rest is the VM's own work, "
-            "allocation, shape checks and dispatch, and the cache misses a kernel meets in "
-            "sequence that it does not timed alone)"
+            f"(kernels {self.difference * 100:+.1f}%; {why})"
         )
         return "\n".join(lines)
 
@@ -114,12 +119,17 @@ def profile(
     *,
     inputs: Mapping[str, np.ndarray] | None = None,
     repeat: int = 20,
+    cold: bool = False,
 ) -> Profile:
-    """Profile an artifact (a path or a loaded model) on this machine."""
+    """Profile an artifact (a path or a loaded model) on this machine.
+
+    ``cold``: time each kernel after flushing the caches (``COLD_FLUSH_BYTES`` written), as
+    it would meet its weights and inputs coming from memory: the upper bound of what it
+    costs in sequence, where timed warm (the default) is the lower one."""
     model = artifact if isinstance(artifact, Model) else load(artifact)
     source = "model" if isinstance(artifact, Model) else os.fspath(artifact)
     feed = dict(inputs) if inputs is not None else random_inputs(model.inputs)
-    per_kernel, builtins = _time_calls(model, feed, repeat)
+    per_kernel, builtins = _time_calls(model, feed, repeat, cold)
     end_to_end = model.benchmark(repeat=repeat, number=10, inputs=feed).mean_ms
     kernels_ms = sum(sum(times) for times in per_kernel.values())
     # The VM's own work (builtins: allocation, shape checks; dispatch between calls) is what
@@ -165,13 +175,15 @@ def profile(
     )
     size = os.path.getsize(source) if os.path.isfile(source) else 0
     target = model.manifest.get("target", {}).get("preset", "?")
-    return Profile(source, target, tuple(rows), end_to_end, kernels_ms, peaks, size)
+    return Profile(source, target, tuple(rows), end_to_end, kernels_ms, peaks, size, cold)
 
 
-RUNTIME_ROW = "(end to end less kernels: VM, cache misses)"
+RUNTIME_ROW = "(end to end less kernels)"
+# Bytes written between cold kernel timings: past this machine's caches (32 MB L3).
+COLD_FLUSH_BYTES = 64 << 20
 
 
-def _time_calls(model: Model, feed, repeat: int):
+def _time_calls(model: Model, feed, repeat: int, cold: bool = False):
     """Time every kernel call of a run on the arguments it gets in that run.
 
     One run through the VM's instrument hook records each call's kernel and arguments; each
@@ -208,24 +220,31 @@ def _time_calls(model: Model, feed, repeat: int):
         model.vm.set_instrument(None)
     per_kernel: dict[str, list[float]] = {}
     for symbol, func, args in calls:
-        times = _time_call(model, symbol, func, args, max(3, repeat))
+        times = _time_call(model, symbol, func, args, max(3, repeat), cold)
         per_kernel.setdefault(symbol, []).append(_trimmed_mean(times) * 1e3)
     return per_kernel, builtins
 
 
-def _time_call(model: Model, symbol: str, func, args: list, repeat: int) -> list[float]:
+def _time_call(model: Model, symbol: str, func, args: list, repeat: int,
+               cold: bool = False) -> list[float]:
     """Seconds per call of ``symbol`` on ``args``: by TVM's time evaluator where the
-    artifact's library exports the kernel, else by a timed loop of calls from Python."""
+    artifact's library exports the kernel, else by a timed loop of calls from Python;
+    ``cold``: one call per measurement, each after the caches were flushed."""
     library = next((lib for lib in (*model.library.imports, model.library)
                     if lib.implements_function(symbol, True)), None)
     if library is not None:
+        options = ({"cache_flush_bytes": COLD_FLUSH_BYTES} if cold
+                   else {"min_repeat_ms": 1})
         timer = library.time_evaluator(symbol, model.device, number=1, repeat=repeat,
-                                       min_repeat_ms=1)
+                                       **options)
         return list(timer(*args).results)
     func(*args)
-    number = 10
+    number = 1 if cold else 10
+    flush = np.empty(COLD_FLUSH_BYTES // 8) if cold else None
     times = []
     for _ in range(repeat):
+        if flush is not None:
+            flush.fill(1.0)
         start = time.perf_counter()
         for _ in range(number):
             func(*args)
