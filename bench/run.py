@@ -162,11 +162,11 @@ def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str]
     cells = []
     timed: list[tuple[Cell, Callable[[], float]]] = []  # timed in rounds once all are built
 
-    def ort(path_: str) -> Callable[[], float]:
-        return lambda: onnxruntime_latency_ms(path_, feed, repeat)
+    def ort(model) -> Callable[[], float]:
+        return lambda: onnxruntime_latency_ms(model, feed, repeat)
 
     cells.append(Cell("ort-fp32", size_bytes=os.path.getsize(path)))
-    timed.append((cells[-1], ort(path)))
+    timed.append((cells[-1], ort(session)))
     if path == DIGITS_MODEL:
         cells[-1].accuracy = _accuracy(lambda x: session.run(None, {"input": x})[0])
     calibration = _calibration(path, feed)
@@ -175,7 +175,7 @@ def bench_model(name: str, path: str, work: str, repeat: int, budgets: list[str]
         int8_path = _ort_int8(path, calibration, work)
         int8 = _ort_session(int8_path)
         cell = Cell("ort-int8", size_bytes=os.path.getsize(int8_path))
-        timed.append((cell, ort(int8_path)))
+        timed.append((cell, ort(int8)))
         if path == DIGITS_MODEL:
             cell.accuracy = _accuracy(lambda x: int8.run(None, {"input": x})[0])
     except Exception as err:  # the peer failing on a model is a result, not a crash

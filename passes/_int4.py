@@ -68,13 +68,6 @@ def pack_int4_runs(values: np.ndarray, run: int) -> np.ndarray:
     return (nibbles[:, :half] | (nibbles[:, half:] << 4)).astype("uint8").reshape(-1)
 
 
-def unpack_int4_runs(packed: np.ndarray, shape, run: int) -> np.ndarray:
-    """The numpy reference of the kernel's unpack of :func:`pack_int4_runs`."""
-    pairs = np.asarray(packed, dtype="uint8").reshape(-1, run // 2)
-    nibbles = np.concatenate([pairs & 0xF, pairs >> 4], axis=1).astype("int8")
-    return ((nibbles ^ 8) - 8).astype("int8").reshape(shape)
-
-
 def unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
     """The numpy reference of the kernel's unpack: uint8 pairs -> int8 of ``shape``."""
     count = int(np.prod(shape))
@@ -113,26 +106,18 @@ def pack_int4_te(values: te.Tensor) -> te.Tensor:
 def patch_rows(x: te.Tensor, *, kernel, strides, padding, dilation, zero: int,
                depth: int) -> te.Tensor:
     """TE: NCHW int4 values (in int8) -> rows[(n, y, x), (c, ky, kx)], one row per output
-    pixel holding its receptive field (im2col, pixel-major), padded with the zero point
-    (the real 0) outside the image and with 0 from the window's size up to ``depth`` (the
-    weight rows are zero there)."""
-    batch, channels, height, width = (int(d) for d in x.shape)
-    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
-    top, left, bottom, right = padding
-    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-    window = channels * kh * kw
+    pixel holding its receptive field (``conv_to_gemm.im2col``, pixel-major), padded with
+    the zero point (the real 0) outside the image and with 0 from the window's size up to
+    ``depth`` (the weight rows are zero there)."""
+    from .conv_to_gemm import im2col
+
+    columns = im2col(x, kernel, strides, padding, dilation, pad_value=zero)
+    batch, window, oh, ow = (int(d) for d in columns.shape)
 
     def value(p, k):
-        n, rest = p // (oh * ow), p % (oh * ow)
-        c, r = k // (kh * kw), k % (kh * kw)
-        y = rest // ow * sh + r // kw * dh - top
-        x_ = rest % ow * sw + r % kw * dw - left
-        inside = tirx.all(y >= 0, y < height, x_ >= 0, x_ < width)
-        read = x[n, tirx.min(c, channels - 1), tirx.max(tirx.min(y, height - 1), 0),
-                 tirx.max(tirx.min(x_, width - 1), 0)]
-        padded = tirx.if_then_else(inside, read, tirx.const(zero, "int8"))
-        return tirx.if_then_else(k < window, padded, tirx.const(0, "int8"))
+        rest = p % (oh * ow)
+        read = columns[p // (oh * ow), tirx.min(k, window - 1), rest // ow, rest % ow]
+        return tirx.if_then_else(k < window, read, tirx.const(0, "int8"))
 
     return te.compute((batch * oh * ow, depth), value, name="patch_rows")
 

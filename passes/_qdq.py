@@ -16,6 +16,8 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from .bit_allocation import connected_groups
+
 # Function attributes written by the passes (JSON strings: plain data that passes keep).
 QPOINTS_ATTR = "tvmq.qpoints"
 REPORT_ATTR = "tvmq.quantization"
@@ -57,22 +59,11 @@ def placeholder_index(call: relax.Call) -> int | None:
 
 
 def tied_point_groups(points: list[dict]) -> list[list[int]]:
-    """Indices of the quantization points (``tvmq.qpoints`` records) that share one scale:
-    each point with the points it is tied to (behind a max-pool or a reshape)."""
-    root = list(range(len(points)))
-
-    def find(i: int) -> int:
-        while root[i] != i:
-            i = root[i]
-        return i
-
-    for point in points:
-        if point.get("tie") is not None:
-            root[find(point["index"])] = find(point["tie"])
-    groups: dict[int, list[int]] = {}
-    for point in points:
-        groups.setdefault(find(point["index"]), []).append(point["index"])
-    return list(groups.values())
+    """Indices of the quantization points (``tvmq.qpoints`` records, indexed in order) that
+    share one scale: each point with the points it is tied to (behind a max-pool or a
+    reshape)."""
+    return connected_groups(len(points), [(p["index"], p["tie"]) for p in points
+                                          if p.get("tie") is not None])
 
 
 def read_json_attr(func: relax.Function, key: str, default):

@@ -260,7 +260,8 @@ def allocate_bits(
                 f"layers {names} must share a scale, so they take the same bits, but the "
                 f"overrides give them {sorted(wanted)}; give them one width"
             )
-    reader_of = _activation_readers(activations, index)
+    readers = _activation_readers(activations, index)
+    reader_of = {i: g for g, members in enumerate(readers) for i in members}
     kind = budget.kind
     # Each tie group picks one weight width from those all its layers offer.
     widths: dict[int, list[int]] = {}
@@ -279,10 +280,9 @@ def allocate_bits(
         act_widths = sorted(activations[group].sensitivity) if group is not None else [None]
         options += [(i, w, a) for w in widths[i] for a in act_widths]
     sens = np.array([layers[i].sensitivity[w] for i, w, _ in options])
-    first_reader = {g: min(readers) for g, readers in _group_readers(reader_of).items()}
     for k, (i, _, a) in enumerate(options):
         group = reader_of.get(i)
-        if group is not None and first_reader[group] == i:
+        if group is not None and readers[group][0] == i:  # counted once, on its first reader
             sens[k] += activations[group].sensitivity[a]
     cost = np.array([layers[i].cost(kind, w, a) for i, w, a in options])
     reference = sum(
@@ -291,7 +291,8 @@ def allocate_bits(
         for i, layer in enumerate(layers)
     )
     limit = budget.value * reference if budget.relative else budget.value
-    equal = _one_each_and_ties(options, len(layers), groups, reader_of)
+    equal = _one_each_and_ties(options, len(layers), [(g, 1) for g in groups]
+                               + [(members, 2) for members in readers])
     smallest = float(cost @ _solve(cost, equal))
     tolerance = 1e-9 * max(reference, 1e-30)
     if smallest > limit + tolerance:
@@ -317,52 +318,54 @@ def allocate_bits(
                       activation_bits)
 
 
-def _activation_readers(activations: Sequence[ActivationGroup], index) -> dict[int, int]:
-    """Layer index -> the activation group it reads."""
-    reader_of: dict[int, int] = {}
-    for g, group in enumerate(activations):
+def _activation_readers(activations: Sequence[ActivationGroup], index) -> list[list[int]]:
+    """The table indices of each activation group's readers, in table order."""
+    readers, seen = [], set()
+    for group in activations:
+        members = []
         for name in group.readers:
             if name not in index:
                 raise ConfigError(f"activation group {group.name!r} names layer {name!r}, "
                                   "which is not in the cost table")
-            if index[name] in reader_of:
+            if index[name] in seen:
                 raise ConfigError(f"layer {name!r} is a reader of two activation groups")
-            reader_of[index[name]] = g
-    return reader_of
-
-
-def _group_readers(reader_of: Mapping[int, int]) -> dict[int, list[int]]:
-    readers: dict[int, list[int]] = {}
-    for i, g in sorted(reader_of.items()):
-        readers.setdefault(g, []).append(i)
+            seen.add(index[name])
+            members.append(index[name])
+        readers.append(sorted(members))
     return readers
 
 
-def _one_each_and_ties(options, count: int, groups, reader_of) -> np.ndarray:
-    """Rows ``A`` of ``A x = 0 or 1``: one option per layer (= 1), then tied layers' weight
-    widths and an activation group's readers' widths equal (= 0). The last column holds
-    the right-hand side."""
-    rows = []
-    for i in range(count):
-        rows.append([1.0 if o[0] == i else 0.0 for o in options] + [1.0])
-
-    def equal(i: int, j: int, position: int) -> None:
-        for width in sorted({o[position] for o in options if o[0] == i}):
-            rows.append([(o[0] == i and o[position] == width) - (o[0] == j and o[position] == width)
-                         for o in options] + [0.0])
-
-    for group in groups:
-        for i, j in itertools.pairwise(group):
-            equal(i, j, 1)
-    for readers in _group_readers(reader_of).values():
-        for i, j in itertools.pairwise(readers):
-            equal(i, j, 2)
+def _one_each_and_ties(options, count: int, agree) -> np.ndarray:
+    """Rows ``A`` of ``A x = 0 or 1``: one option per layer (= 1), then, for each
+    (layers, position) in ``agree``, those layers' widths at that position of an option
+    equal (= 0): tied layers' weight widths (1), an activation group's readers' (2). The
+    last column holds the right-hand side."""
+    rows = [[1.0 if o[0] == i else 0.0 for o in options] + [1.0] for i in range(count)]
+    for members, position in agree:
+        for i, j in itertools.pairwise(members):
+            for width in sorted({o[position] for o in options if o[0] == i}):
+                rows.append([(o[0] == i and o[position] == width)
+                             - (o[0] == j and o[position] == width) for o in options] + [0.0])
     return np.asarray(rows, dtype="float64")
 
 
 def _groups(layers, index, ties) -> list[list[int]]:
-    """Union-find over the ties: every layer in exactly one group, in table order."""
-    parent = list(range(len(layers)))
+    """Every layer in exactly one group (``connected_groups`` of the ties), in table order."""
+    pairs = []
+    for tie in ties:
+        members = list(tie)
+        for name in members:
+            if name not in index:
+                raise ConfigError(f"tie group {members} names layer {name!r}, which is not "
+                                  "in the cost table")
+        pairs += [(index[a], index[b]) for a, b in itertools.pairwise(members)]
+    return connected_groups(len(layers), pairs)
+
+
+def connected_groups(count: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Items ``0 .. count - 1`` grouped by the pairs that join them (union-find), each group
+    in order and the groups by their first item."""
+    parent = list(range(count))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -370,16 +373,10 @@ def _groups(layers, index, ties) -> list[list[int]]:
             i = parent[i]
         return i
 
-    for tie in ties:
-        members = list(tie)
-        for name in members:
-            if name not in index:
-                raise ConfigError(f"tie group {members} names layer {name!r}, which is not "
-                                  "in the cost table")
-        for a, b in itertools.pairwise(members):
-            parent[root(index[a])] = root(index[b])
+    for a, b in pairs:
+        parent[root(a)] = root(b)
     grouped: dict[int, list[int]] = {}
-    for i in range(len(layers)):
+    for i in range(count):
         grouped.setdefault(root(i), []).append(i)
     return sorted(grouped.values(), key=lambda g: g[0])
 

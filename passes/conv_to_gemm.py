@@ -202,9 +202,10 @@ def gemm(weight, columns, out_dtype: str):
     )
 
 
-def im2col(data, kernel, strides, padding, dilation):
-    """columns[n, (ci, kh, kw), y, x] = the padded input under output (y, x)'s window: the
-    input of a 1x1 convolution with IC * KH * KW channels."""
+def im2col(data, kernel, strides, padding, dilation, pad_value=0.0):
+    """columns[n, (ci, kh, kw), y, x] = the padded input (``pad_value`` outside the image)
+    under output (y, x)'s window: the input of a 1x1 convolution with IC * KH * KW
+    channels."""
     from tvm import topi
 
     batch, channels, height, width = (int(d) for d in data.shape)
@@ -212,7 +213,8 @@ def im2col(data, kernel, strides, padding, dilation):
     top, left, bottom, right = padding
     oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
     ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-    padded = topi.nn.pad(data, (0, 0, top, left), (0, 0, bottom, right), name="data_pad")
+    padded = topi.nn.pad(data, (0, 0, top, left), (0, 0, bottom, right), pad_value,
+                         name="data_pad")
 
     def column(n, k, y, x):
         ci, r = k // (kh * kw), k % (kh * kw)

@@ -415,9 +415,9 @@ def _int4_kernel(anchor: relax.Call, x: relax.Expr, zero: int, x_dtype: str,
         layout = (_blocked_conv_int4(anchor, x, q, kernels) if is_conv
                   else _blocked_matmul_int4(x_dtype, q, kernels))
     # Blocked layouts pack in runs their kernels unpack a vector at a time.
-    run = None if layout is None else int4_run(layout[0].shape)
-    packed = pack_int4(q if layout is None else layout[0]) if run is None else \
-        pack_int4_runs(layout[0], run)
+    values = q if layout is None else layout[0]
+    run = None if layout is None else int4_run(values.shape)
+    packed = pack_int4(values) if run is None else pack_int4_runs(values, run)
     w_te = te.placeholder([packed.size], "uint8", name="w_packed")
     if is_conv:
         attrs = anchor.attrs

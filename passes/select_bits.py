@@ -148,22 +148,21 @@ class SelectBits:
                  ) -> tuple[list[LayerCost], list[list[str]], list[ActivationGroup]]:
         """The cost table, tie groups and activation groups, from the model at INT8."""
         probe_config = dataclasses.replace(self.qconfig, weight_bits=8)
-        calibrate = Calibrate(self.dataset, self.qconfig.calibration,
-                              percentile=self.qconfig.percentile, report_batches=0)
         annotated = AnnotateQuantization(probe_config)(mod)
-        report = read_json_attr(calibrate(annotated)["main"], REPORT_ATTR, {"layers": []})
+        main = annotated["main"]
+        points = read_json_attr(main, QPOINTS_ATTR, [])
+        weight_layers = {layer["name"] for layer in read_json_attr(main, REPORT_ATTR, {
+            "layers": []})["layers"] if "weight_bits" in layer}
+        members = self._activation_choices(points, weight_layers)
+        # One pass over the calibration data gives the points' ranges at both widths.
+        calibrated = Calibrate(self.dataset, self.qconfig.calibration,
+                               percentile=self.qconfig.percentile, report_batches=0,
+                               narrow_points=bool(members))(annotated)
+        report = read_json_attr(calibrated["main"], REPORT_ATTR, {"layers": []})
         layers = [layer for layer in report["layers"] if "weight_bits" in layer]
         if not layers:
             return [], [], []
-        main = annotated["main"]
-        points = read_json_attr(main, QPOINTS_ATTR, [])
-        members = self._activation_choices(points, {layer["name"] for layer in layers})
-        narrow = None
-        if members:
-            narrow_config = dataclasses.replace(probe_config, activation_bits=4)
-            narrow = read_json_attr(
-                calibrate(AnnotateQuantization(narrow_config)(mod))["main"], REPORT_ATTR, {}
-            )["points"]
+        narrow = report.get("points_at_4")
         lifted, weights = _lift_weights(main)
         if len(weights) != len(layers):
             raise PipelineError(

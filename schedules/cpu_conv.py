@@ -25,6 +25,7 @@ from .cpu_common import (
     schedule_prologue,
     schedule_tile_epilogue,
 )
+from .cpu_tiling import divisor_at_most
 from .kernel_layouts import (
     CONV_BLOCKED,
     CONV_DEPTHWISE,
@@ -270,8 +271,9 @@ class DepthwiseConv(CPUScheduleRule):
             sch.reorder(py, i, j, px)
             sch.unroll(px)
             sch.compute_at(pad, channel)
-            width = lanes * 32 // written.dtype.bits
-            sch.vectorize(sch.split(sch.get_loops(pad)[-1], factors=[None, width])[1])
+            row = sch.get_loops(pad)[-1]
+            width = divisor_at_most(loop_extent(sch, row), lanes * 32 // written.dtype.bits)
+            sch.vectorize(sch.split(row, factors=[None, width])[1])
         return sch
 
 

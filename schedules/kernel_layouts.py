@@ -8,6 +8,8 @@ imports passes/.
 
 from __future__ import annotations
 
+import numpy as np
+
 # The block attribute naming each kernel tvmq's passes emit, and the names.
 KERNEL_ATTR = "tvmq.kernel"
 CONV_BLOCKED = "conv2d_blocked"
@@ -52,12 +54,18 @@ def whole_vectors(pixels: int, lanes: int) -> int:
     return -(-pixels // lanes) * lanes
 
 
-def int4_run(shape) -> int | None:
-    """Weights per packing run of an int4 weight of ``shape`` laid out for a blocked kernel:
-    its trailing dimensions, as many as fit in ``INT4_RUN``; None if that is odd."""
-    run = 1
+def int4_run_dims(shape) -> int:
+    """How many trailing dimensions of an int4 weight laid out for a blocked kernel make one
+    packing run: as many as fit in ``INT4_RUN`` weights; 0 where their product is odd."""
+    run, dims = 1, 0
     for extent in reversed([int(d) for d in shape]):
         if run * extent > INT4_RUN:
             break
-        run *= extent
-    return run if run % 2 == 0 else None
+        run, dims = run * extent, dims + 1
+    return dims if run % 2 == 0 else 0
+
+
+def int4_run(shape) -> int | None:
+    """Weights per packing run (``int4_run_dims``), or None where the run would be odd."""
+    dims = int4_run_dims(shape)
+    return int(np.prod([int(d) for d in shape][len(shape) - dims:])) if dims else None

@@ -27,13 +27,15 @@ def accuracy(model: tvmq.runtime.Model, images: np.ndarray, labels: np.ndarray) 
     return hits / len(labels)
 
 
-def onnxruntime_latency_ms(path: str, feed: dict, repeat: int = 200) -> float | None:
-    """Median latency of ONNX Runtime (CPU) on a model file, or None without it."""
+def onnxruntime_latency_ms(model, feed: dict, repeat: int = 200) -> float | None:
+    """Median latency of ONNX Runtime (CPU) on a model file or an open InferenceSession,
+    or None without it."""
     try:
         import onnxruntime as ort
     except ImportError:
         return None
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = model if isinstance(model, ort.InferenceSession) else ort.InferenceSession(
+        model, providers=["CPUExecutionProvider"])
     for _ in range(min(20, repeat)):
         session.run(None, feed)
     times = []
